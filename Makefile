@@ -1,0 +1,42 @@
+# lightning_seg: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: help setup train test test-all lint format bench-overhead
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the project (TORCH=... picks the torch build)
+
+train: setup ## train on the built-in synthetic task (extra Hydra overrides: ARGS="precision=bf16 ...")
+	$(BIN)/python train.py $(ARGS)
+
+test: setup ## run the test suite (real-data tests skip when ../shared/data is absent)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-all: setup ## run every test, slow ones included
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-overhead: setup ## Lightning step vs the plain MONAI loop on CPU (ARGS="--data-dir ../shared/data")
+	$(BIN)/python -m lightning_seg.bench.overhead $(ARGS)

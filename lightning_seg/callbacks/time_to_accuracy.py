@@ -1,0 +1,76 @@
+"""Time-to-accuracy: when did validation Dice first reach each target?"""
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.loggers import WandbLogger
+
+from lightning_seg.callbacks.training_clock import TrainingClock
+
+
+class TimeToAccuracy(Callback):
+    """Records the first training time (validation excluded), wall time, step and epoch at which
+    `monitor` reaches each threshold. Writes them to `path` after every validation and to the
+    W&B run summary; stops training once `stop_at` is reached (as MLPerf's 3D U-Net does).
+    Needs the TrainingClock callback."""
+
+    def __init__(
+        self, thresholds: Sequence[float], path: str, monitor: str = "val/dice", stop_at: float | None = None
+    ) -> None:
+        self.thresholds = sorted(float(t) for t in thresholds)
+        self.path, self.monitor, self.stop_at = Path(path), monitor, stop_at
+        self.reached: dict[str, dict] = {}
+        self.best = float("-inf")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
+        if clock is None:
+            raise RuntimeError("TimeToAccuracy needs the TrainingClock callback (callbacks.training_clock)")
+        value = float(trainer.callback_metrics[self.monitor])
+        self.best = max(self.best, value)
+        for threshold in self.thresholds:
+            if value >= threshold and f"{threshold:g}" not in self.reached:
+                self.reached[f"{threshold:g}"] = {
+                    "train_s": clock.train_seconds(),
+                    "wall_s": clock.wall_s,
+                    "step": trainer.global_step,
+                    "epoch": trainer.current_epoch,
+                    self.monitor: value,
+                }
+        if trainer.is_global_zero:
+            self._write(trainer)
+        if self.stop_at is not None and value >= self.stop_at:
+            trainer.should_stop = True
+
+    def summary(self) -> dict:
+        return {
+            "monitor": self.monitor,
+            "thresholds": self.thresholds,
+            "stop_at": self.stop_at,
+            "best": self.best,
+            "reached": self.reached,
+        }
+
+    def _write(self, trainer: Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.summary(), indent=2))
+        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                summary = logger.experiment.summary
+                summary["best/val_dice"] = self.best
+                for threshold, record in self.reached.items():
+                    for key in ("train_s", "wall_s", "step"):
+                        summary[f"time_to_dice/{threshold}/{key}"] = record[key]
+
+    def state_dict(self) -> dict:
+        return {"reached": self.reached, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.reached, self.best = state_dict["reached"], state_dict["best"]

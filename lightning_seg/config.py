@@ -1,0 +1,43 @@
+"""OmegaConf resolvers used by conf/ and the conf directory's location."""
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lightning_seg.precision import trainer_precision
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def repo_root() -> str:
+    """The checkout holding this package (editable installs), else the launch directory."""
+    root = Path(__file__).resolve().parents[1]
+    return str(root if (root / "pyproject.toml").exists() else Path.cwd())
+
+
+def default_workers() -> int:
+    """Loader workers: none on CPU-only machines (patches come from the in-memory cache and
+    workers would only compete with the training threads), a few per GPU otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+
+def _register() -> None:
+    resolvers = {
+        "repo_root": repo_root,
+        "default_workers": default_workers,
+        "len": len,
+        "max": max,
+        "trainer_precision": trainer_precision,
+        "basename": lambda path: Path(path).name,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register()

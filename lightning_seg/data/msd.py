@@ -1,0 +1,154 @@
+"""MSD task folders: dataset.json -> a checked list of (image, label) files.
+
+Every problem is found before training starts and reported with the file it concerns.
+Full checks load each case once; their results are remembered (keyed by path, size and
+modification time) so later runs only re-check files that changed.
+"""
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3  # mm; MSD headers differ by float rounding at most
+
+
+class DatasetError(ValueError):
+    """A task folder that cannot be trained on; the message names the file and the problem."""
+
+
+def read_datalist(task_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The `training` entries of `task_dir/dataset.json` as absolute image/label paths."""
+    task_dir = Path(task_dir)
+    meta = read_dataset_json(task_dir)
+    entries = meta.get("training")
+    where = task_dir / "dataset.json"
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(f"{where}: no 'training' list of cases")
+    cases = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"image", "label"} <= entry.keys():
+            raise DatasetError(f"{where}: training entry {i} needs 'image' and 'label' keys, got {entry!r}")
+        cases.append({key: str((task_dir / entry[key]).resolve()) for key in ("image", "label")})
+    return cases
+
+
+def read_dataset_json(task_dir: Path) -> dict:
+    path = task_dir / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (an MSD task folder holds dataset.json, imagesTr/, labelsTr/)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object at the top level")
+    return meta
+
+
+def check_dataset(
+    task_dir: str | os.PathLike,
+    labels: list[str],
+    in_channels: int,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+) -> list[dict[str, str]]:
+    """Check a task folder against the task config; return its cases or raise DatasetError."""
+    task_dir = Path(task_dir)
+    meta = read_dataset_json(task_dir)
+    where = task_dir / "dataset.json"
+    declared_labels = meta.get("labels")
+    if isinstance(declared_labels, dict) and len(declared_labels) != len(labels):
+        raise DatasetError(
+            f"{where}: declares {len(declared_labels)} labels {sorted(declared_labels.values())}, "
+            f"the task config expects {len(labels)} {list(labels)}"
+        )
+    modalities = meta.get("modality")
+    if isinstance(modalities, dict) and len(modalities) != in_channels:
+        raise DatasetError(
+            f"{where}: declares {len(modalities)} input channels {list(modalities.values())}, "
+            f"the task config expects in_channels={in_channels}"
+        )
+    cases = read_datalist(task_dir)
+    missing = [p for case in cases for p in case.values() if not Path(p).is_file()]
+    if missing:
+        raise DatasetError(_listing(f"{len(missing)} file(s) listed in {where} do not exist", missing))
+
+    memo_path = _memo_path(cache_dir, task_dir, len(labels), in_channels)
+    memo = _read_memo(memo_path)
+    todo = [case for case in cases if memo.get(case["image"]) != _stamp(case)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = [p for p in pool.map(lambda c: check_case(c, len(labels), in_channels), todo) if p]
+    if problems:
+        raise DatasetError(_listing(f"{len(problems)} broken case(s) in {task_dir}", problems))
+    if memo_path is not None and todo:
+        memo.update({case["image"]: _stamp(case) for case in todo})
+        _write_memo(memo_path, memo)
+    return cases
+
+
+def check_case(case: dict[str, str], num_labels: int, in_channels: int) -> str | None:
+    """Load one image/label pair; return what is wrong with it (naming the file), or None."""
+    image_path, label_path = case["image"], case["label"]
+    try:
+        image = nib.load(image_path)
+        image_data = np.asanyarray(image.dataobj)
+    except Exception as err:  # nibabel raises many types for truncated or foreign files
+        return f"{image_path}: cannot be read as NIfTI ({type(err).__name__}: {err})"
+    try:
+        label = nib.load(label_path)
+        label_data = np.asanyarray(label.dataobj)
+    except Exception as err:
+        return f"{label_path}: cannot be read as NIfTI ({type(err).__name__}: {err})"
+
+    channels = 1 if image_data.ndim == 3 else image_data.shape[3] if image_data.ndim == 4 else None
+    if channels != in_channels:
+        return f"{image_path}: shape {image_data.shape}, expected 3D with {in_channels} channel(s) in dim 4"
+    if label_data.ndim != 3:
+        return f"{label_path}: shape {label_data.shape}, a label map must be 3D"
+    if image_data.shape[:3] != label_data.shape:
+        return f"{label_path}: shape {label_data.shape} differs from its image's {image_data.shape[:3]}"
+    if not np.allclose(image.affine, label.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+        diff = float(np.abs(image.affine - label.affine).max())
+        return f"{label_path}: affine differs from its image's (max difference {diff:.4g})"
+    if image_data.dtype.kind == "f" and not np.isfinite(image_data).all():
+        return f"{image_path}: contains NaN or infinite values"
+    values = np.unique(label_data)
+    bad = values[(values != np.round(values)) | (values < 0) | (values >= num_labels)]
+    if bad.size:
+        return f"{label_path}: label values {bad[:5].tolist()} outside the task's 0..{num_labels - 1}"
+    return None
+
+
+def _listing(head: str, lines: list[str], limit: int = 20) -> str:
+    more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "\n".join([head + ":"] + [f"  {line}" for line in lines[:limit]] + more)
+
+
+def _stamp(case: dict[str, str]) -> list[int]:
+    return [n for p in (case["image"], case["label"]) for n in (os.stat(p).st_size, os.stat(p).st_mtime_ns)]
+
+
+def _memo_path(cache_dir, task_dir: Path, num_labels: int, in_channels: int) -> Path | None:
+    if cache_dir is None:
+        return None
+    key = hashlib.sha1(f"{task_dir.resolve()}|{num_labels}|{in_channels}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "checked" / f"{task_dir.name}-{key}.json"
+
+
+def _read_memo(path: Path | None) -> dict:
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_memo(path: Path, memo: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(path)  # atomic: a crash never leaves a half-written memo

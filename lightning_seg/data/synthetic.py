@@ -1,0 +1,75 @@
+"""A small MSD-layout phantom dataset, written as real NIfTI files.
+
+Each case is a body ellipsoid holding one ellipsoid per foreground label ("organs" of
+distinct intensity), multiplied by a smooth bias field, plus Gaussian noise. Everything
+is drawn from a per-case seed, so the same settings always write the same files.
+"""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ORGAN_INTENSITIES = (2.0, 3.2, 1.2, 4.0)  # body is 1.0; one value per foreground label
+
+
+def write_synthetic_msd(
+    task_dir: str | Path,
+    num_cases: int = 24,
+    shape: tuple[int, int, int] = (64, 64, 48),
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0),
+    num_labels: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Write `num_cases` image/label pairs plus dataset.json under `task_dir`."""
+    if not 2 <= num_labels <= len(ORGAN_INTENSITIES) + 1:
+        raise ValueError(f"num_labels must be in 2..{len(ORGAN_INTENSITIES) + 1}, got {num_labels}")
+    task_dir = Path(task_dir)
+    (task_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (task_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*spacing, 1.0])
+    training = []
+    for case in range(num_cases):
+        image, label = synthetic_case(shape, num_labels, np.random.default_rng([seed, case]))
+        name = f"synthetic_{case:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), task_dir / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), task_dir / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    labels = {"0": "background", **{str(i): f"organ_{chr(96 + i)}" for i in range(1, num_labels)}}
+    meta = {
+        "name": "Synthetic",
+        "description": "Phantom ellipsoid organs with bias field and noise (lightning_seg.data.synthetic)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "labels": labels,
+        "numTraining": num_cases,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    (task_dir / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return task_dir
+
+
+def synthetic_case(shape, num_labels: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom (float32 image, uint8 label) of the given shape."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
+    body = _ellipsoid(grid, rng.uniform(-0.05, 0.05, 3), rng.uniform(0.75, 0.9, 3))
+    image = body.astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    for value in range(1, num_labels):
+        # organs sit on alternate sides of the body so they rarely overlap
+        side = 1.0 if value % 2 else -1.0
+        centre = np.array([side * rng.uniform(0.2, 0.4), rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3)])
+        organ = _ellipsoid(grid, centre, rng.uniform(0.12, 0.28, 3)) & body
+        image[organ] = ORGAN_INTENSITIES[value - 1]
+        label[organ] = value
+    coefficients = rng.uniform(-0.25, 0.25, 3)
+    bias = np.exp(grid @ coefficients).astype(np.float32)  # smooth multiplicative field, like MRI shading
+    noise = rng.normal(0.0, 0.35, shape).astype(np.float32)
+    return (image * bias + noise * body).astype(np.float32), label
+
+
+def _ellipsoid(grid: np.ndarray, centre, radii) -> np.ndarray:
+    return (((grid - centre) / radii) ** 2).sum(-1) <= 1.0

@@ -1,0 +1,17 @@
+"""Train a 3D U-Net on an MSD task: `python train.py task=left_atrium precision=16`."""
+
+import hydra
+from omegaconf import DictConfig
+
+import lightning_seg  # noqa: F401  (registers the config resolvers)
+from lightning_seg.training import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
+
+
+if __name__ == "__main__":
+    main()
