@@ -26,6 +26,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # every case checked: a broken dataset fails here, before anything is written
+    datamodule.setup("fit")
+    split = {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
+    (output_dir / "split.json").write_text(json.dumps(split, indent=1))
     module = instantiate(cfg.module)
     # set afterwards: passed to instantiate, its _target_ entries would be instantiated too
     module.hparams["run_config"] = resolved
@@ -44,8 +48,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             logger.experiment.define_metric("val/*", step_metric="time/train_s")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        split = {"train": datamodule.train_cases, "val": datamodule.val_cases}
-        (output_dir / "split.json").write_text(json.dumps(split, indent=1))
     except Exception:
         log.exception("training failed; run dir: %s", output_dir)
         raise

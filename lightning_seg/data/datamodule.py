@@ -40,6 +40,7 @@ class MSDDataModule(LightningDataModule):
         cache: str = "memory",
         num_workers: int = 0,
         val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
         split_seed: int = 0,
         prep_workers: int = 2,
     ) -> None:
@@ -57,9 +58,10 @@ class MSDDataModule(LightningDataModule):
         self.batch_size, self.samples_per_volume = batch_size, samples_per_volume
         self.pos_neg_ratio, self.augment, self.flip_axes = list(pos_neg_ratio), augment, list(flip_axes)
         self.cache, self.num_workers, self.prep_workers = cache, num_workers, prep_workers
-        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.train_cases: list[dict[str, str]] = []
         self.val_cases: list[dict[str, str]] = []
+        self.test_cases: list[dict[str, str]] = []  # held out of training and validation
         self.train_set = self.val_set = None
 
     def prepare_data(self) -> None:
@@ -89,8 +91,8 @@ class MSDDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_cases, self.val_cases = split_cases(
-            read_datalist(self.task_dir), self.val_fraction, self.split_seed
+        self.train_cases, self.val_cases, self.test_cases = split_cases(
+            read_datalist(self.task_dir), self.val_fraction, self.test_fraction, self.split_seed
         )
         train_tf = train_transforms(
             self.task, self.samples_per_volume, self.pos_neg_ratio, self.augment, self.flip_axes
@@ -131,12 +133,19 @@ class MSDDataModule(LightningDataModule):
         )
 
 
-def split_cases(cases: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded shuffle, then the first `val_fraction` of cases (at least one) for validation.
-    A single-case folder validates on its training case."""
+def split_cases(cases: list, val_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:
+    """Seeded shuffle into (train, val, test): `test_fraction` of the cases are held out of
+    everything, `val_fraction` (at least one) validate. A single-case folder validates on
+    its training case."""
     if len(cases) == 1:
         log.warning("only one case: validating on the training case")
-        return cases, cases
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
-    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
+        return cases, cases, []
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    n_test = round(test_fraction * len(cases))
+    n_val = max(1, round(val_fraction * len(cases)))
+    if n_test + n_val >= len(cases):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
+            f"training case of {len(cases)}"
+        )
+    return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]

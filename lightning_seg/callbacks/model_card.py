@@ -1,0 +1,49 @@
+"""A model card next to the checkpoints, in the spirit of MONAI bundles' metadata.json."""
+
+import json
+from pathlib import Path
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_seg.environment import environment_info
+
+
+class ModelCard(Callback):
+    """Writes `model_card.json` into the best checkpoint's folder when training ends: task,
+    labels, preprocessing, patch, precision, data used, validation Dice, versions."""
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or not checkpoint.best_model_path or not trainer.is_global_zero:
+            return
+        config = pl_module.hparams.get("run_config") or {}
+        task = config.get("task", {})
+        datamodule = trainer.datamodule
+        network = config.get("model", {}).get("_target_", "").rsplit(".", 1)[-1]
+        card = {
+            "name": f"lightning_seg {task.get('name')} {network}",
+            "checkpoint": Path(checkpoint.best_model_path).name,
+            "task": {k: task.get(k) for k in ("name", "msd_folder", "modality", "in_channels", "labels")},
+            "preprocessing": {k: task.get(k) for k in ("orientation", "spacing", "normalization")},
+            "patch_size": task.get("patch_size"),
+            "network": config.get("model"),
+            "precision": config.get("precision"),
+            "data": {
+                "task_dir": str(getattr(datamodule, "task_dir", "")),
+                "train_cases": len(getattr(datamodule, "train_cases", [])),
+                "val_cases": len(getattr(datamodule, "val_cases", [])),
+                "test_cases": len(getattr(datamodule, "test_cases", [])),
+            },
+            "validation": {
+                "metric": checkpoint.monitor,
+                "best": float(checkpoint.best_model_score),
+                "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step,
+            },
+            "seed": config.get("seed"),
+            "environment": environment_info(),
+            "predict": "python -m lightning_seg.predict ckpt_path=CKPT input=IMAGE_OR_DIR output=DIR",
+        }
+        path = Path(checkpoint.best_model_path).parent / "model_card.json"
+        path.write_text(json.dumps(card, indent=2))

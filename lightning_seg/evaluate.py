@@ -1,0 +1,97 @@
+"""`python -m lightning_seg.evaluate pred=DIR ref=DIR` or `ckpt_path=CKPT task_dir=TASK_DIR split=test`
+(console: lightning-seg-evaluate). Writes per_case.csv, summary.json and summary.md."""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_seg.config import CONFIG_DIR
+from lightning_seg.data.msd import read_datalist, read_dataset_json
+from lightning_seg.inference import Predictor
+from lightning_seg.predict import list_images, predict_files
+from lightning_seg.scoring import score_files, summarize, summary_markdown
+
+log = logging.getLogger(__name__)
+
+
+def split_cases(ckpt_path: str, data: str, split: str) -> list[dict[str, str]]:
+    """Cases of `data` in one split of the run that wrote the checkpoint (by file name)."""
+    cases = read_datalist(data)
+    if split == "all":
+        return cases
+    split_file = Path(ckpt_path).resolve().parent.parent / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file}: missing, so split={split} is unknown; use split=all")
+    names = {Path(c["image"]).name for c in json.loads(split_file.read_text()).get(split, [])}
+    if not names:
+        raise ValueError(
+            f"{split_file}: no '{split}' cases (train with data.test_fraction > 0 for a test split)"
+        )
+    chosen = [c for c in cases if Path(c["image"]).name in names]
+    if len(chosen) != len(names):
+        raise FileNotFoundError(
+            f"{data}: holds {len(chosen)} of the {len(names)} '{split}' cases of {split_file}"
+        )
+    return chosen
+
+
+def labels_near(ref_dir: Path) -> list[str]:
+    """Label names from the dataset.json of the MSD folder holding `ref_dir` (labelsTr/)."""
+    meta = read_dataset_json(ref_dir.parent)
+    return [name for _, name in sorted(meta["labels"].items(), key=lambda item: int(item[0]))]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    output = Path(cfg.output or (Path(cfg.pred) / "evaluation" if cfg.pred else "evaluation"))
+    output.mkdir(parents=True, exist_ok=True)
+    if cfg.ckpt_path:
+        if not cfg.task_dir:
+            raise ValueError("ckpt_path needs task_dir=TASK_DIR (the MSD folder to predict and score)")
+        predictor = Predictor(cfg.ckpt_path, **cfg.predict)
+        labels = list(cfg.labels or predictor.labels)
+        cases = split_cases(cfg.ckpt_path, cfg.task_dir, cfg.split)
+        start = time.perf_counter()
+        predictions = predict_files(predictor, [Path(c["image"]) for c in cases], output / "predictions")
+        seconds = time.perf_counter() - start
+        log.info(
+            "predicted %d cases in %.1f s (%.2f cases/s, mirror=%s)",
+            len(cases),
+            seconds,
+            len(cases) / seconds,
+            cfg.predict.mirror,
+        )
+        pairs = list(zip(predictions, [Path(c["label"]) for c in cases], strict=True))
+        title = f"{predictor.task['name']}: {Path(cfg.ckpt_path).name} on {len(cases)} '{cfg.split}' cases"
+    else:
+        if not (cfg.pred and cfg.ref):
+            raise ValueError("give pred=DIR ref=DIR, or ckpt_path=CKPT task_dir=TASK_DIR")
+        ref_dir = Path(cfg.ref)
+        pairs = [(p, ref_dir / p.name) for p in list_images(cfg.pred)]
+        missing = [str(r) for _, r in pairs if not r.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"no reference for {len(missing)} prediction(s): {', '.join(missing[:5])}"
+            )
+        labels = list(cfg.labels or labels_near(ref_dir))
+        title = f"{cfg.pred} against {cfg.ref}"
+    per_case = score_files(pairs, labels)
+    summary = summarize(per_case, labels)
+    per_case.to_csv(output / "per_case.csv", index=False)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output / "summary.md").write_text(summary_markdown(summary, title))
+    log.info(
+        "foreground mean Dice %.4f over %d cases -> %s",
+        summary["foreground_mean_dice"],
+        len(per_case),
+        output,
+    )
+    return summary["foreground_mean_dice"]
+
+
+if __name__ == "__main__":
+    main()

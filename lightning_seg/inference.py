@@ -1,0 +1,99 @@
+"""Segment new volumes with a checkpoint: the checkpoint alone carries network and preprocessing.
+
+Each image goes through the task's preprocessing (reorient, resample, normalize), Gaussian-
+weighted sliding windows (optionally averaged over mirrored copies), and the inverse of the
+spatial preprocessing, so the label map lands on the input's own grid.
+"""
+
+import itertools
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Invertd
+
+from lightning_seg.data.transforms import preprocessing
+from lightning_seg.precision import autocast_dtype
+
+STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
+
+
+class Predictor:
+    """Loads a checkpoint written by training and predicts whole volumes."""
+
+    def __init__(
+        self,
+        ckpt_path: str | Path,
+        device: str = "auto",
+        precision: str | None = None,
+        overlap: float = 0.5,
+        sw_batch_size: int = 4,
+        mirror: bool = False,
+        stitch_on_cpu: bool | None = None,
+    ) -> None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        config = checkpoint["hyper_parameters"].get("run_config")
+        if not config:
+            raise ValueError(
+                f"{ckpt_path}: no run_config in the checkpoint (not written by lightning_seg training)"
+            )
+        self.config, self.task = config, config["task"]
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        self.net = instantiate(config["model"])
+        state = {
+            k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
+        }
+        self.net.load_state_dict(state)
+        self.net.to(self.device).eval()
+        self.precision = str(precision if precision is not None else config["precision"])
+        self.overlap, self.sw_batch_size, self.stitch_on_cpu = overlap, sw_batch_size, stitch_on_cpu
+        data = config.get("data", {})
+        trained_flips = data.get("flip_axes", [0, 1, 2]) if data.get("augment", False) else []
+        # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)
+        self.flip_sets = [()]
+        if mirror:
+            dims = [axis + 2 for axis in trained_flips]
+            self.flip_sets = [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
+        self.preprocess = Compose(preprocessing(self.task, keys=("image",)))
+        self.invert = Invertd(
+            "probabilities", transform=self.preprocess, orig_keys="image", nearest_interp=False
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.task["labels"])
+
+    @torch.no_grad()
+    def predict(self, image_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label map, class probabilities) on the input image's grid."""
+        data = self.preprocess({"image": str(image_path)})
+        image = data["image"]
+        probabilities = torch.stack([self._probabilities(image[None], dims) for dims in self.flip_sets]).mean(
+            0
+        )
+        data["probabilities"] = image.clone().set_array(probabilities[0])  # carries the preprocessing history
+        probabilities = self.invert(data)["probabilities"].as_tensor()
+        return probabilities.argmax(0).to(torch.uint8), probabilities
+
+    def _probabilities(self, image: torch.Tensor, flip_dims: tuple[int, ...]) -> torch.Tensor:
+        x = image.as_tensor().flip(flip_dims) if flip_dims else image.as_tensor()
+        stitch = self.stitch_on_cpu
+        if stitch is None:
+            stitch = x[0, 0].numel() * len(self.labels) * 4 > STITCH_ON_GPU_MAX_BYTES
+        dtype = autocast_dtype(self.precision, self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = sliding_window_inference(
+                x,
+                roi_size=self.task["patch_size"],
+                sw_batch_size=self.sw_batch_size,
+                predictor=self.net,
+                overlap=self.overlap,
+                mode="gaussian",
+                sw_device=self.device,
+                device=torch.device("cpu") if stitch else self.device,
+            )
+        probabilities = torch.softmax(logits.float(), dim=1).cpu()
+        return probabilities.flip(flip_dims) if flip_dims else probabilities

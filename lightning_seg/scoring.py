@@ -1,0 +1,106 @@
+"""Per-case segmentation scores (Dice, 95% Hausdorff distance in mm, volumes) and their summary.
+
+Empty structures follow one documented rule, so every case gets a number for every label:
+- reference and prediction both empty: Dice 1, HD95 0 (nothing to find, nothing found);
+- exactly one of them empty: Dice 0, HD95 = the image diagonal in mm (the worst possible
+  distance), so a missed or hallucinated structure is penalised rather than dropped.
+"""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+
+def score_case(pred: np.ndarray, ref: np.ndarray, spacing, labels: list[str]) -> dict[str, float]:
+    """Scores of one case for every foreground label (labels[0] is background)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    diagonal_mm = float(np.linalg.norm(np.array(ref.shape) * np.array(spacing)))
+    scores = {}
+    for value, name in enumerate(labels[1:], start=1):
+        p, r = pred == value, ref == value
+        n_p, n_r = int(p.sum()), int(r.sum())
+        if n_p == 0 and n_r == 0:
+            dice, hd95 = 1.0, 0.0
+        elif n_p == 0 or n_r == 0:
+            dice, hd95 = 0.0, diagonal_mm
+        else:
+            dice = 2.0 * float(np.logical_and(p, r).sum()) / (n_p + n_r)
+            hd95 = float(
+                compute_hausdorff_distance(
+                    torch.from_numpy(p)[None, None],
+                    torch.from_numpy(r)[None, None],
+                    percentile=95,
+                    spacing=list(map(float, spacing)),
+                )[0, 0]
+            )
+        scores.update(
+            {
+                f"dice_{name}": dice,
+                f"hd95_{name}": hd95,
+                f"pred_ml_{name}": n_p * voxel_ml,
+                f"ref_ml_{name}": n_r * voxel_ml,
+            }
+        )
+    return scores
+
+
+def score_files(pairs: list[tuple[Path, Path]], labels: list[str]) -> pd.DataFrame:
+    """One row per (prediction, reference) pair of NIfTI label maps on the same grid."""
+    rows = []
+    for pred_path, ref_path in pairs:
+        pred_img, ref_img = nib.load(pred_path), nib.load(ref_path)
+        if pred_img.shape != ref_img.shape:
+            raise ValueError(
+                f"{pred_path}: shape {pred_img.shape} differs from the reference's {ref_img.shape} "
+                f"({ref_path})"
+            )
+        if not np.allclose(pred_img.affine, ref_img.affine, atol=1e-3):
+            raise ValueError(f"{pred_path}: affine differs from the reference's ({ref_path})")
+        pred = np.rint(np.asanyarray(pred_img.dataobj)).astype(np.int64)
+        ref = np.rint(np.asanyarray(ref_img.dataobj)).astype(np.int64)
+        rows.append({"case": ref_path.name, **score_case(pred, ref, ref_img.header.get_zooms()[:3], labels)})
+    return pd.DataFrame(rows)
+
+
+def summarize(per_case: pd.DataFrame, labels: list[str]) -> dict:
+    """Mean, std, median per label and metric; foreground mean Dice over labels."""
+    summary: dict = {"cases": len(per_case), "labels": {}}
+    for name in labels[1:]:
+        summary["labels"][name] = {
+            metric: {
+                "mean": float(per_case[f"{metric}_{name}"].mean()),
+                "std": float(per_case[f"{metric}_{name}"].std(ddof=0)),
+                "median": float(per_case[f"{metric}_{name}"].median()),
+            }
+            for metric in ("dice", "hd95")
+        }
+    dice_means = [s["dice"]["mean"] for s in summary["labels"].values()]
+    summary["foreground_mean_dice"] = float(np.mean(dice_means))
+    summary["foreground_mean_hd95"] = float(np.mean([s["hd95"]["mean"] for s in summary["labels"].values()]))
+    return summary
+
+
+def summary_markdown(summary: dict, title: str) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"{summary['cases']} cases. Dice and HD95 (mm) per label: mean ± std (median).",
+        "",
+        "| label | Dice | HD95 (mm) |",
+        "| --- | --- | --- |",
+    ]
+    for name, s in summary["labels"].items():
+        d, h = s["dice"], s["hd95"]
+        lines.append(
+            f"| {name} | {d['mean']:.4f} ± {d['std']:.4f} ({d['median']:.4f}) "
+            f"| {h['mean']:.2f} ± {h['std']:.2f} ({h['median']:.2f}) |"
+        )
+    lines.append(
+        f"| **foreground mean** | **{summary['foreground_mean_dice']:.4f}** "
+        f"| {summary['foreground_mean_hd95']:.2f} |"
+    )
+    return "\n".join(lines) + "\n"

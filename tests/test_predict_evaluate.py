@@ -1,0 +1,178 @@
+"""Prediction on new volumes (geometry kept exactly) and evaluation against references."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lightning_seg.data.synthetic import synthetic_case, write_synthetic_msd
+from lightning_seg.inference import Predictor
+from lightning_seg.predict import predict_files
+from lightning_seg.scoring import score_case, score_files, summarize
+from lightning_seg.training import train
+
+from .conftest import SHARED_DATA, compose_config, learnable_synthetic_overrides, needs_shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A model trained briefly on the synthetic task, with a fifth of the cases held out."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = compose_config(
+        tmp, [*learnable_synthetic_overrides(), "trainer.max_epochs=15", "data.test_fraction=0.2"]
+    )
+    metrics, _ = train(cfg)
+    best = next((tmp / "run" / "checkpoints").glob("best-*.ckpt"))
+    return {"run": tmp / "run", "ckpt": best, "data": tmp / "data" / "Task00_Synthetic", "metrics": metrics}
+
+
+def test_model_card_sits_next_to_the_best_checkpoint(synthetic_run):
+    card = json.loads((synthetic_run["ckpt"].parent / "model_card.json").read_text())
+    assert card["checkpoint"] == synthetic_run["ckpt"].name
+    assert card["task"]["labels"] == ["background", "organ_a", "organ_b"]
+    assert card["preprocessing"]["spacing"] == [1.5, 1.5, 2.0]
+    assert card["validation"]["best"] == pytest.approx(synthetic_run["metrics"]["best/val_dice"])
+    assert card["data"]["test_cases"] == 3 and card["environment"]["torch"]
+
+
+def test_prediction_keeps_shape_and_affine_of_a_rotated_anisotropic_non_ras_image(synthetic_run, tmp_path):
+    image, _ = synthetic_case((36, 30, 20), 3, np.random.default_rng(7))
+    # LPS-like axes, permuted, anisotropic voxels, a small rotation and an offset
+    angle = math.radians(10)
+    rotation = np.array(
+        [[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.array([[0, -1.2, 0], [-0.9, 0, 0], [0, 0, 2.5]])
+    affine[:3, 3] = [40.0, -12.5, 7.0]
+    source = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), source)
+    assert nib.aff2axcodes(affine) != ("R", "A", "S")
+    [written] = predict_files(Predictor(synthetic_run["ckpt"]), [source], tmp_path / "out")
+    result = nib.load(written)
+    assert written.name == "case.nii.gz"
+    assert result.shape == image.shape
+    assert np.array_equal(result.affine, nib.load(source).affine)
+    assert set(np.unique(np.asarray(result.dataobj))) <= {0, 1, 2}
+
+
+def test_trained_model_segments_unseen_synthetic_cases(synthetic_run, tmp_path):
+    unseen = write_synthetic_msd(tmp_path / "Task00_Unseen", num_cases=4, shape=(40, 40, 32), seed=123)
+    images = sorted((unseen / "imagesTr").glob("*.nii.gz"))
+    predictions = predict_files(Predictor(synthetic_run["ckpt"], mirror=True), images, tmp_path / "pred")
+    scores = score_files([(p, unseen / "labelsTr" / p.name) for p in predictions], ["background", "a", "b"])
+    assert summarize(scores, ["background", "a", "b"])["foreground_mean_dice"] >= 0.7
+
+
+def test_evaluate_cli_scores_the_held_out_split_of_a_run(synthetic_run, tmp_path):
+    out = tmp_path / "eval"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_seg.evaluate",
+            f"ckpt_path={synthetic_run['ckpt']}",
+            f"task_dir={synthetic_run['data']}",
+            "split=test",
+            f"output={out}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    held_out = {
+        Path(c["image"]).name for c in json.loads((synthetic_run["run"] / "split.json").read_text())["test"]
+    }
+    per_case = (out / "per_case.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in per_case[1:]} == held_out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == 3 and summary["foreground_mean_dice"] >= 0.7
+    assert "foreground mean" in (out / "summary.md").read_text()
+    # the predictions it scored have the references' grids
+    for name in held_out:
+        assert (
+            nib.load(out / "predictions" / name).shape
+            == nib.load(synthetic_run["data"] / "labelsTr" / name).shape
+        )
+
+
+def test_predict_cli_writes_a_label_per_input(synthetic_run, tmp_path):
+    images = synthetic_run["data"] / "imagesTr"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_seg.predict",
+            f"ckpt_path={synthetic_run['ckpt']}",
+            f"input={images}",
+            f"output={tmp_path / 'out'}",
+            "save_probabilities=true",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert written == sorted(p.name for p in images.glob("*.nii.gz"))
+    probabilities = nib.load(tmp_path / "out" / "probabilities" / written[0])
+    assert probabilities.shape == (*nib.load(images / written[0]).shape, 3)
+    assert np.allclose(np.asarray(probabilities.dataobj).sum(-1), 1.0, atol=1e-4)
+
+
+def test_scores_match_hand_computation():
+    spacing = (1.0, 1.0, 2.0)
+    ref, pred = np.zeros((4, 4, 8), np.int64), np.zeros((4, 4, 8), np.int64)
+    ref[0, 0, 0:2] = 1  # label 1: reference 2 voxels along z, prediction the first of them
+    pred[0, 0, 0] = 1
+    ref[3, 3, 1] = 2  # label 2: one voxel each, 3 slices apart along z (2 mm slices)
+    pred[3, 3, 4] = 2
+    scores = score_case(pred, ref, spacing, ["background", "one", "two", "three"])
+    assert scores["dice_one"] == pytest.approx(2 * 1 / (2 + 1))
+    # distances prediction->reference {0}, reference->prediction {0, 2 mm}: 95th percentile 1.9 mm
+    assert scores["hd95_one"] == pytest.approx(np.percentile([0.0, 2.0], 95))
+    assert scores["dice_two"] == 0.0 and scores["hd95_two"] == pytest.approx(3 * 2.0)
+    # label 3 absent from both: a true negative scores perfectly
+    assert scores["dice_three"] == 1.0 and scores["hd95_three"] == 0.0
+    assert scores["ref_ml_one"] == pytest.approx(2 * 2.0 / 1000) and scores["pred_ml_two"] == pytest.approx(
+        0.002
+    )
+
+
+def test_a_missed_structure_scores_zero_and_the_worst_distance():
+    ref, pred = np.zeros((4, 4, 4), np.int64), np.zeros((4, 4, 4), np.int64)
+    ref[1, 1, 1] = 1
+    scores = score_case(pred, ref, (1.0, 2.0, 2.0), ["background", "one"])
+    assert scores["dice_one"] == 0.0
+    assert scores["hd95_one"] == pytest.approx(math.sqrt(4**2 + 8**2 + 8**2))  # the image diagonal
+
+
+@needs_shared_data
+def test_spleen_prediction_returns_the_original_5mm_grid(tmp_path):
+    cfg = compose_config(
+        tmp_path,
+        [
+            "task=spleen",
+            "task.msd_folder=Task09_Spleen_crop",
+            "hardware=cpu",
+            "model.width=8",
+            "task.patch_size=[64,64,64]",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=1",
+            "task.val_every_n_epochs=1",
+            "trainer.enable_progress_bar=false",
+        ],
+        data_dir=SHARED_DATA,
+    )
+    train(cfg)
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    source = SHARED_DATA / "Task09_Spleen_crop" / "imagesTr" / "spleen_2.nii.gz"
+    [written] = predict_files(Predictor(ckpt), [source], tmp_path / "out")
+    assert nib.load(written).shape == (164, 166, 26)
+    assert np.array_equal(nib.load(written).affine, nib.load(source).affine)
