@@ -1,0 +1,92 @@
+"""The benchmark's Markdown table (laid out like the reference talk's) and its charts."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHASES = ("forward", "backward", "loss", "optimizer")  # the reference table's column order
+LABEL = {"32": "fp32", "tf32": "TF32", "16": "fp16 AMP", "bf16": "bf16 AMP"}
+
+
+def _ok(points: list[dict]) -> list[dict]:
+    return [p for p in points if "median_s" in p.get("project", {})]
+
+
+def _same_point(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("model", "patch", "batch"))
+
+
+def markdown_table(result: dict) -> str:
+    env, points = result["environment"], result["points"]
+    device = env["gpu"] or f"CPU ({env['cpu_count']} cores, {env['torch_threads']} threads)"
+    lines = [
+        f"# Training-step breakdown on {device}",
+        "",
+        f"torch {env['torch']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}, "
+        f"TF32 switches set per precision (fp32 = TF32 off). Median of {result['bench']['steps']} steps "
+        f"after {result['bench']['warmup']} warm-up steps; seconds per step. Peak memory: "
+        + ("`torch.cuda.max_memory_allocated`." if env["gpu"] else "process peak RSS (grows across points)."),
+        "",
+        "| model | patch, batch | method | total | forward | backward | loss | optimizer | peak GiB "
+        "| TFLOP/s | x vs fp32 | x vs TF32 | bare loop total | ours / bare |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        head = (
+            f"| {p['model']} | {p['patch']}^3, {p['batch']} | {LABEL.get(p['precision'], p['precision'])} |"
+        )
+        ours = p.get("project", {})
+        if "median_s" not in ours:
+            lines.append(f"{head} {ours.get('error', 'not run')} |" + " |" * 13)
+            continue
+        m = ours["median_s"]
+        speedups = []
+        for ref in ("32", "tf32"):
+            base = [q for q in _ok(points) if q["precision"] == ref and _same_point(q, p)]
+            speedups.append(f"{base[0]['project']['median_s']['total'] / m['total']:.2f}" if base else "-")
+        anchor = p.get("anchor", {})
+        bare = f"{anchor['median_s']['total']:.4f}" if "median_s" in anchor else anchor.get("error", "-")
+        ratio = f"{p['project_over_anchor']:.3f}" if "project_over_anchor" in p else "-"
+        lines.append(
+            f"{head} {m['total']:.4f} | "
+            + " | ".join(f"{m[k]:.4f}" for k in PHASES)
+            + f" | {ours['peak_memory_gib']:.2f} | {ours['tflop_per_s']:.2f} | {speedups[0]} | {speedups[1]}"
+            f" | {bare} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_phases(result: dict, path) -> None:
+    points = _ok(result["points"])
+    labels = [
+        f"{p['model']}\n{p['patch']}^3 b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
+        for p in points
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
+    bottom = [0.0] * len(points)
+    for phase in PHASES:
+        values = [p["project"]["median_s"][phase] for p in points]
+        ax.bar(labels, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("seconds per training step (median)")
+    ax.set_title("Training step by phase", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_memory(result: dict, path) -> None:
+    points = _ok(result["points"])
+    labels = [
+        f"{p['model']}\n{p['patch']}^3 b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
+        for p in points
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
+    ax.bar(labels, [p["project"]["peak_memory_gib"] for p in points], color="tab:gray")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title("Peak memory per point", fontsize=10)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

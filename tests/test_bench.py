@@ -1,0 +1,86 @@
+"""The step benchmark's smoke preset and the step-breakdown callback during training."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+
+from lightning_seg.training import train
+
+from .conftest import compose_config, tiny_synthetic_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR = ROOT.parent / "shared" / "bench" / "anchor_step.py"
+PHASES = ("forward", "loss", "backward", "optimizer")
+
+
+def run_bench(out: Path, *overrides: str) -> dict:
+    subprocess.run(
+        [sys.executable, "-m", "lightning_seg.bench", "bench=cpu_smoke", f"hydra.run.dir={out}", *overrides],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_cpu_smoke_preset_writes_consistent_json_markdown_and_charts(tmp_path):
+    result = run_bench(tmp_path)
+    points = result["points"]
+    assert [(p["precision"], p["patch"], p["batch"]) for p in points] == [("32", 32, 2), ("bf16", 32, 2)]
+    for point in points:
+        timing = point["project"]["median_s"]
+        assert all(timing[phase] > 0 for phase in PHASES)
+        # medians of a sum and of its parts agree closely when steps are steady
+        assert sum(timing[p] for p in PHASES) == pytest.approx(timing["total"], rel=0.15)
+        assert point["project"]["peak_memory_gib"] > 0 and point["project"]["train_step_gflop"] > 0
+        assert point["project"]["samples_per_s"] == pytest.approx(2 / timing["total"])
+    assert result["environment"]["torch"] and result["environment"]["tf32_cudnn_conv"] == "ieee"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| basic_unet | 32^3, 2 | fp32 |" in table and "| basic_unet | 32^3, 2 | bf16 AMP |" in table
+    for chart in ("phases.png", "memory.png"):
+        assert mpimg.imread(tmp_path / chart).shape[0] > 200
+
+
+def test_a_failing_point_is_recorded_and_the_grid_goes_on(tmp_path):
+    # a 24^3 patch cannot go through basic_unet's 4 down-samplings: that point fails, the next runs
+    result = run_bench(tmp_path, "bench.precisions=[32]", "bench.points=[[24,1],[32,1]]", "bench.steps=2")
+    first, second = result["points"]
+    assert "multiple of 16" in first["project"]["error"]
+    assert second["project"]["median_s"]["total"] > 0
+    assert "multiple of 16" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.skipif(not ANCHOR.is_file(), reason=f"anchor loop not found at {ANCHOR}")
+def test_bare_loop_runs_side_by_side(tmp_path):
+    result = run_bench(tmp_path, "bench.precisions=[32]", "bench.steps=3", f"bench.anchor_script={ANCHOR}")
+    [point] = result["points"]
+    assert point["anchor"]["median_s"]["total"] > 0
+    assert point["project_over_anchor"] == pytest.approx(
+        point["project"]["median_s"]["total"] / point["anchor"]["median_s"]["total"]
+    )
+
+
+def test_step_breakdown_callback_logs_positive_phases_during_training(tmp_path):
+    cfg = compose_config(
+        tmp_path,
+        [
+            *tiny_synthetic_overrides(),
+            "trainer.max_epochs=1",
+            "callbacks.step_breakdown.every_n_steps=2",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
+    _, objects = train(cfg)
+    log = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
+    rows = log.dropna(subset=["step/total_s"])
+    assert list(rows["step"]) == list(range(0, objects["trainer"].global_step, 2))
+    for phase in PHASES:
+        assert (rows[f"step/{phase}_s"] > 0).all()
+    parts = rows[[f"step/{p}_s" for p in PHASES]].sum(axis=1)
+    assert (parts - rows["step/total_s"]).abs().max() < 1e-6
+    assert (rows["step/peak_memory_gib"] > 0).all()
