@@ -17,9 +17,13 @@ def _same_point(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("model", "patch", "batch"))
 
 
+def _device(env: dict) -> str:
+    return env["gpu"] or f"CPU ({env['cpu_count']} cores, {env['torch_threads']} threads)"
+
+
 def markdown_table(result: dict) -> str:
     env, points = result["environment"], result["points"]
-    device = env["gpu"] or f"CPU ({env['cpu_count']} cores, {env['torch_threads']} threads)"
+    device = _device(env)
     lines = [
         f"# Training-step breakdown on {device}",
         "",
@@ -70,7 +74,7 @@ def plot_phases(result: dict, path) -> None:
         ax.bar(labels, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_ylabel("seconds per training step (median)")
-    ax.set_title("Training step by phase", fontsize=10)
+    ax.set_title(f"Training step by phase on {_device(result['environment'])}", fontsize=10)
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     fig.savefig(path, bbox_inches="tight")
@@ -86,7 +90,7 @@ def plot_memory(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
     ax.bar(labels, [p["project"]["peak_memory_gib"] for p in points], color="tab:gray")
     ax.set_ylabel("peak memory (GiB)")
-    ax.set_title("Peak memory per point", fontsize=10)
+    ax.set_title(f"Peak memory per point on {_device(result['environment'])}", fontsize=10)
     ax.tick_params(axis="x", labelsize=7)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
