@@ -69,8 +69,16 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         """(label map, class probabilities) on the input image's grid."""
-        data = self.preprocess({"image": str(image_path)})
+        try:
+            data = self.preprocess({"image": str(image_path)})
+        except Exception as err:  # MONAI wraps reader errors in its own types
+            raise ValueError(f"{image_path}: cannot be read as an image ({err})") from err
         image = data["image"]
+        if image.shape[0] != self.task["in_channels"]:
+            raise ValueError(
+                f"{image_path}: {image.shape[0]} channel(s), the model was trained on "
+                f"{self.task['in_channels']}"
+            )
         probabilities = torch.stack([self._probabilities(image[None], dims) for dims in self.flip_sets]).mean(
             0
         )

@@ -126,6 +126,18 @@ def test_predict_cli_writes_a_label_per_input(synthetic_run, tmp_path):
     assert np.allclose(np.asarray(probabilities.dataobj).sum(-1), 1.0, atol=1e-4)
 
 
+def test_inputs_the_model_cannot_take_are_named(synthetic_run, tmp_path):
+    predictor = Predictor(synthetic_run["ckpt"])
+    two_channels = tmp_path / "two_channels.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20, 2), np.float32), np.eye(4)), two_channels)
+    with pytest.raises(ValueError, match=r"two_channels.nii.gz: 2 channel\(s\), the model was trained on 1"):
+        predictor.predict(two_channels)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.nii.gz: cannot be read"):
+        predictor.predict(broken)
+
+
 def test_scores_match_hand_computation():
     spacing = (1.0, 1.0, 2.0)
     ref, pred = np.zeros((4, 4, 8), np.int64), np.zeros((4, 4, 8), np.int64)
