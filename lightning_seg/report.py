@@ -130,18 +130,17 @@ def plot_mean_range(runs: list[Run], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for precision in dict.fromkeys(r.precision for r in runs):
         group = [r for r in runs if r.precision == precision]
+        # the span every seed covers, so the mean never jumps where a seed starts or ends
+        start = max(r.curve["time/train_s"].min() for r in group)
         end = min(r.curve["time/train_s"].max() for r in group)
-        grid = np.linspace(0, end, 200)
+        grid = np.linspace(start, end, 200)
         # Dice so far (best up to t) makes seeds with different validation times comparable
         values = np.stack(
-            [
-                np.interp(grid, r.curve["time/train_s"], r.curve["val/dice"].cummax(), left=np.nan)
-                for r in group
-            ]
+            [np.interp(grid, r.curve["time/train_s"], r.curve["val/dice"].cummax()) for r in group]
         )
         colour = COLOURS.get(precision, "black")
-        ax.plot(grid, np.nanmean(values, 0), color=colour, label=f"{group[0].label}: mean of {len(group)}")
-        ax.fill_between(grid, np.nanmin(values, 0), np.nanmax(values, 0), color=colour, alpha=0.2)
+        ax.plot(grid, values.mean(0), color=colour, label=f"{group[0].label}: mean of {len(group)}")
+        ax.fill_between(grid, values.min(0), values.max(0), color=colour, alpha=0.2)
     _decorate(ax, runs, "Best validation Dice so far: mean and range over seeds")
     path = out / "dice_vs_time_mean.png"
     fig.savefig(path, bbox_inches="tight")
@@ -152,13 +151,13 @@ def plot_mean_range(runs: list[Run], out: Path) -> Path:
 def _decorate(ax, runs: list[Run], title: str) -> None:
     for t in runs[0].thresholds:
         ax.axhline(t, color="grey", lw=0.8, ls=":")
-        ax.annotate(
-            f"Dice {t:g}", (0, t), textcoords="offset points", xytext=(2, 2), fontsize=8, color="grey"
+        ax.text(
+            0.01, t, f"Dice {t:g}", transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="grey"
         )
     ax.set_xlabel("training time, validation excluded (s)")
     ax.set_ylabel("validation foreground mean Dice")
     ax.set_title(f"{runs[0].task} on {runs[0].device}: {title}", fontsize=10)
-    low = min(r.curve["val/dice"].min() for r in runs)
+    low = min(min(r.curve["val/dice"].min() for r in runs), min(runs[0].thresholds))
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
