@@ -61,36 +61,37 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_phases(result: dict, path) -> None:
+def _figure(result: dict):
+    """Points that were measured, their bar labels, and an empty figure sized for them."""
     points = _ok(result["points"])
     labels = [
         f"{p['model']}\n{p['patch']}^3 b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
         for p in points
     ]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
+    return points, labels, fig, ax
+
+
+def _save(fig, ax, path, result: dict, ylabel: str, title: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} on {_device(result['environment'])}", fontsize=10)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_phases(result: dict, path) -> None:
+    points, labels, fig, ax = _figure(result)
     bottom = [0.0] * len(points)
     for phase in PHASES:
         values = [p["project"]["median_s"][phase] for p in points]
         ax.bar(labels, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("seconds per training step (median)")
-    ax.set_title(f"Training step by phase on {_device(result['environment'])}", fontsize=10)
     ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, ax, path, result, "seconds per training step (median)", "Training step by phase")
 
 
 def plot_memory(result: dict, path) -> None:
-    points = _ok(result["points"])
-    labels = [
-        f"{p['model']}\n{p['patch']}^3 b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
-        for p in points
-    ]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
+    points, labels, fig, ax = _figure(result)
     ax.bar(labels, [p["project"]["peak_memory_gib"] for p in points], color="tab:gray")
-    ax.set_ylabel("peak memory (GiB)")
-    ax.set_title(f"Peak memory per point on {_device(result['environment'])}", fontsize=10)
-    ax.tick_params(axis="x", labelsize=7)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, ax, path, result, "peak memory (GiB)", "Peak memory per point")
