@@ -100,3 +100,12 @@ def test_wandb_offline_run_is_written(tmp_path):
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))
     assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()  # CSV stays on beside W&B
+
+
+def test_ddp_on_two_cpu_processes_trains_validates_and_checkpoints(tmp_path):
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), "hardware=ddp_cpu", "trainer.max_epochs=1"])
+    train(cfg)
+    run = tmp_path / "run"
+    assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
+    val = metrics_csv(run).dropna(subset=["val/dice"])
+    assert len(val) == 1 and 0.0 <= val["val/dice"].iloc[0] <= 1.0
