@@ -61,6 +61,22 @@ def test_affine_mismatch(task_dir):
     assert str(label) in str(err.value)
 
 
+def test_a_label_with_a_trailing_singleton_axis_is_accepted(task_dir):
+    label = first_case(task_dir, "label")
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., None], img.affine), label)
+    assert len(check(task_dir)) == 6
+
+
+def test_affine_rounding_is_tolerated(task_dir):
+    label = first_case(task_dir, "label")
+    img = nib.load(label)
+    affine = img.affine.copy()
+    affine[0, 3] += 1e-4  # origin off by 0.1 micrometre
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), label)
+    assert len(check(task_dir)) == 6
+
+
 def test_label_values_outside_the_task(task_dir):
     label = first_case(task_dir, "label")
     img = nib.load(label)
