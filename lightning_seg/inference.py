@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
 from lightning_seg.data.transforms import preprocessing
-from lightning_seg.precision import autocast_dtype
+from lightning_seg.precision import autocast
 
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
 
@@ -79,9 +79,8 @@ class Predictor:
                 f"{image_path}: {image.shape[0]} channel(s), the model was trained on "
                 f"{self.task['in_channels']}"
             )
-        probabilities = torch.stack([self._probabilities(image[None], dims) for dims in self.flip_sets]).mean(
-            0
-        )
+        passes = [self._probabilities(image[None], dims) for dims in self.flip_sets]
+        probabilities = torch.stack(passes).mean(0)
         data["probabilities"] = image.clone().set_array(probabilities[0])  # carries the preprocessing history
         probabilities = self.invert(data)["probabilities"].as_tensor()
         return probabilities.argmax(0).to(torch.uint8), probabilities
@@ -91,8 +90,7 @@ class Predictor:
         stitch = self.stitch_on_cpu
         if stitch is None:
             stitch = x[0, 0].numel() * len(self.labels) * 4 > STITCH_ON_GPU_MAX_BYTES
-        dtype = autocast_dtype(self.precision, self.device)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(self.precision, self.device):
             logits = sliding_window_inference(
                 x,
                 roi_size=self.task["patch_size"],

@@ -38,6 +38,12 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.conv.fp32_precision = mode
 
 
+def autocast(choice, device: torch.device) -> torch.autocast:
+    """The autocast context a precision choice trains under (a disabled one for fp32/TF32)."""
+    dtype = autocast_dtype(choice, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def autocast_dtype(choice, device: torch.device) -> torch.dtype | None:
     """The autocast dtype Lightning uses for a choice (16-mixed is bf16 on CPU), None for fp32."""
     mode = trainer_precision(choice)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_seg.memory import peak_memory_gib
-from lightning_seg.precision import autocast_dtype, set_tf32, uses_tf32
+from lightning_seg.precision import autocast, autocast_dtype, set_tf32, uses_tf32
 
 PHASES = ("forward", "loss", "backward", "optimizer", "total")
 
@@ -71,7 +71,7 @@ def measure(cfg: DictConfig, batch_size: int, device: torch.device) -> dict:
         tick = clock.mark if clock else (lambda: None)
         optimizer.zero_grad(set_to_none=True)
         tick()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(cfg.precision, device):
             logits = forward(x)
         tick()
         loss = module.compute_loss(logits, y)  # the training code path: fp32 reductions
