@@ -3,12 +3,13 @@
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import LightningDataModule
 
@@ -19,12 +20,18 @@ from lightning_seg.data.transforms import train_transforms, val_transforms
 
 log = logging.getLogger(__name__)
 
+CACHES = ("memory", "disk", "gpu", "none")
+LOADERS = {"torch": DataLoader, "thread": ThreadDataLoader}
+
 
 class MSDDataModule(LightningDataModule):
     """Train/validation split of an MSD task folder.
 
     `batch_size` counts patches per step: each loaded volume yields `samples_per_volume`
     random patches, so `batch_size / samples_per_volume` volumes are drawn per step.
+
+    `cache="gpu"` keeps the preprocessed training volumes on this process's GPU and draws the
+    patches there (MONAI's fast-training recipe); validation volumes stay in CPU memory.
     """
 
     def __init__(
@@ -38,11 +45,13 @@ class MSDDataModule(LightningDataModule):
         augment: bool = True,
         flip_axes: Sequence[int] = (0, 1, 2),
         cache: str = "memory",
+        loader: str = "torch",
         num_workers: int = 0,
         val_fraction: float = 0.2,
         test_fraction: float = 0.0,
         split_seed: int = 0,
         prep_workers: int = 2,
+        crop_centres_per_class: int = 10000,
     ) -> None:
         super().__init__()
         if batch_size % samples_per_volume:
@@ -50,14 +59,24 @@ class MSDDataModule(LightningDataModule):
                 f"data.batch_size={batch_size} must be a multiple of "
                 f"data.samples_per_volume={samples_per_volume}"
             )
-        if cache not in ("memory", "disk", "none"):
-            raise ValueError(f"data.cache must be memory, disk or none, got '{cache}'")
+        if cache not in CACHES:
+            raise ValueError(f"data.cache must be one of {', '.join(CACHES)}, got '{cache}'")
+        if loader not in LOADERS:
+            raise ValueError(f"data.loader must be one of {', '.join(LOADERS)}, got '{loader}'")
+        if cache == "gpu" and not torch.cuda.is_available():
+            log.warning(
+                "data.cache=gpu needs a CUDA GPU and none is available: caching preprocessed volumes "
+                "in CPU memory instead (data.cache=memory)"
+            )
+            cache = "memory"
         self.task_dir = Path(task_dir)
         self.task = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else dict(task)
         self.cache_dir = cache_dir
         self.batch_size, self.samples_per_volume = batch_size, samples_per_volume
         self.pos_neg_ratio, self.augment, self.flip_axes = list(pos_neg_ratio), augment, list(flip_axes)
-        self.cache, self.num_workers, self.prep_workers = cache, num_workers, prep_workers
+        self.cache, self.loader = cache, loader
+        self.num_workers, self.prep_workers = num_workers, prep_workers
+        self.crop_centres_per_class = crop_centres_per_class
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.train_cases: list[dict[str, str]] = []
         self.val_cases: list[dict[str, str]] = []
@@ -94,43 +113,65 @@ class MSDDataModule(LightningDataModule):
         self.train_cases, self.val_cases, self.test_cases = split_cases(
             read_datalist(self.task_dir), self.val_fraction, self.test_fraction, self.split_seed
         )
+        # the datamodule is set up before the Trainer exists: the launcher's LOCAL_RANK names the GPU
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cache == "gpu" else None
         train_tf = train_transforms(
-            self.task, self.samples_per_volume, self.pos_neg_ratio, self.augment, self.flip_axes
+            self.task,
+            self.samples_per_volume,
+            self.pos_neg_ratio,
+            self.augment,
+            self.flip_axes,
+            self.crop_centres_per_class,
+            device,
         )
-        self.train_set = self._dataset(self.train_cases, train_tf, "train")
-        self.val_set = self._dataset(self.val_cases, val_transforms(self.task), "val")
+        self.train_set = self._dataset(self.train_cases, train_tf, self.cache, "train")
+        # whole validation volumes on the GPU would compete with sliding-window stitching for memory
+        val_cache = "memory" if self.cache == "gpu" else self.cache
+        self.val_set = self._dataset(self.val_cases, val_transforms(self.task), val_cache, "val")
 
-    def _dataset(self, cases, transform, split: str) -> Dataset:
-        if self.cache == "memory":
+    def _dataset(self, cases, transform, cache: str, split: str) -> Dataset:
+        if cache in ("memory", "gpu"):
+            # no deep copy per draw: the random transforms make new tensors (crop views, flipped
+            # and rescaled copies) and never write into the cached ones
             return CacheDataset(
-                cases, transform, cache_rate=1.0, num_workers=self.prep_workers, progress=False
+                cases,
+                transform,
+                cache_rate=1.0,
+                num_workers=self.prep_workers,
+                progress=False,
+                copy_cache=False,
             )
-        if self.cache == "disk":
+        if cache == "disk":
             return PersistentDataset(cases, transform, cache_dir=self._persistent_dir(split))
         return Dataset(cases, transform)
 
     def _persistent_dir(self, split: str) -> Path:
         # PersistentDataset keys items by file name only: the preprocessing goes into the folder name
-        recipe = {k: self.task[k] for k in ("orientation", "spacing", "normalization", "patch_size")}
+        keys = ("orientation", "spacing", "normalization", "patch_size", "labels", "crop_foreground")
+        recipe = {k: self.task[k] for k in keys} | {"crop_centres_per_class": self.crop_centres_per_class}
         digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
         root = Path(self.cache_dir or self.task_dir.parent / ".cache")
         return root / "preprocessed" / f"{self.task['name']}-{split}-{digest}"
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        on_gpu = self.cache == "gpu"
+        # CUDA tensors cannot cross worker processes: the loader's thread draws the patches on the GPU
+        return self._loader(
             self.train_set,
+            "thread" if on_gpu else self.loader,
+            0 if on_gpu else self.num_workers,
             batch_size=self.batch_size // self.samples_per_volume,
             shuffle=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not on_gpu,
             drop_last=len(self.train_set) > 1,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set, batch_size=1, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
-        )
+        return self._loader(self.val_set, self.loader, self.num_workers, batch_size=1)
+
+    @staticmethod
+    def _loader(dataset: Dataset, loader: str, num_workers: int, **kwargs) -> DataLoader:
+        return LOADERS[loader](dataset, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
 
 
 def split_cases(cases: list, val_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:

@@ -6,6 +6,7 @@ import torch
 from monai import transforms as T
 
 KEYS = ("image", "label")
+CROP_CENTRES = "label_cls_indices"  # ClassesToIndicesd's output key for "label"
 
 
 def normalization(cfg: Mapping) -> T.MapTransform:
@@ -30,17 +31,42 @@ def normalization(cfg: Mapping) -> T.MapTransform:
     raise ValueError(f"unknown task.normalization.kind '{kind}' (zscore_nonzero, ct_window, percentile)")
 
 
-def preprocessing(task: Mapping, keys: Sequence[str] = KEYS) -> list:
-    """Load, channel first, reorient, resample to the task spacing, normalize."""
+def nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Foreground of an MRI with a zero background (module level: the transform is pickled)."""
+    return x != 0
+
+
+def preprocessing(task: Mapping, keys: Sequence[str] = KEYS, crop_foreground: bool = False) -> list:
+    """Load, channel first, reorient, resample to the task spacing, optionally crop to the
+    image's non-zero box, normalize."""
     modes = [("bilinear" if key == "image" else "nearest") for key in keys]
+    crop = []
+    if crop_foreground:  # before normalization: z-scoring turns the zero background negative
+        crop = [
+            T.CropForegroundd(
+                keys,
+                source_key="image",
+                select_fn=nonzero,
+                allow_smaller=True,
+                start_coord_key=None,  # no box coordinates in the item: they would reach the batch
+                end_coord_key=None,
+            )
+        ]
     return [
         T.LoadImaged(keys, image_only=True),
         T.EnsureChannelFirstd(keys),
         T.Orientationd(keys, axcodes=task["orientation"]),
         T.Spacingd(keys, pixdim=task["spacing"], mode=modes),
+        *crop,
         T.EnsureTyped(keys, dtype=torch.float32),
         normalization(task["normalization"]),
     ]
+
+
+def class_ratios(pos_neg_ratio: Sequence[float], num_classes: int) -> list[float]:
+    """Patch-centre odds per label value: the background gets `neg`, the foreground classes share `pos`."""
+    pos, neg = pos_neg_ratio
+    return [neg] + [pos / (num_classes - 1)] * (num_classes - 1)
 
 
 def train_transforms(
@@ -49,17 +75,34 @@ def train_transforms(
     pos_neg_ratio: Sequence[float],
     augment: bool,
     flip_axes: Sequence[int],
+    crop_centres_per_class: int,
+    device: torch.device | None = None,
 ) -> T.Compose:
-    """Cached preprocessing and padding, then foreground-aware random patches and augmentation."""
-    patch = task["patch_size"]
+    """Cached preprocessing, padding and patch-centre candidates (on `device`), then class-aware
+    random patches and augmentation."""
+    patch, num_classes = task["patch_size"], len(task["labels"])
+    cached = [
+        *preprocessing(task, crop_foreground=task["crop_foreground"]),
+        T.SpatialPadd(KEYS, spatial_size=patch),
+        # at most this many voxels per class, evenly spread: a full index array costs 8 bytes per
+        # voxel (2-3x a large CT volume); nnU-Net likewise keeps at most 10000 locations per class
+        T.ClassesToIndicesd("label", num_classes=num_classes, max_samples_per_class=crop_centres_per_class),
+        # plain tensors from here on: MetaTensor bookkeeping costs time in every random transform
+        T.EnsureTyped(KEYS, dtype=torch.float32, device=device, track_meta=False),
+    ]
     random = [
-        T.RandCropByPosNegLabeld(
+        # pops the centre candidates, so they never reach the batch; no image_key: after z-scoring
+        # tissue can be negative. A class absent from a case gets ratio 0 and its share goes to the
+        # others, which is expected (a tumour-free case): hence warn=False
+        T.RandCropByLabelClassesd(
             KEYS,
             label_key="label",
             spatial_size=patch,
-            pos=pos_neg_ratio[0],
-            neg=pos_neg_ratio[1],
+            ratios=class_ratios(pos_neg_ratio, num_classes),
+            num_classes=num_classes,
             num_samples=samples_per_volume,
+            indices_key=CROP_CENTRES,
+            warn=False,
         ),
     ]
     if augment:
@@ -68,9 +111,10 @@ def train_transforms(
             T.RandScaleIntensityd("image", factors=0.1, prob=0.5),
             T.RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         ]
-    # plain tensors from here on: MetaTensor bookkeeping costs time in every network op
+    # plain tensors for the network (MetaTensor bookkeeping costs time in every op): MONAI's random
+    # transforms wrap their output in a MetaTensor again
     random.append(T.EnsureTyped(KEYS, dtype=torch.float32, track_meta=False))
-    return T.Compose([*preprocessing(task), T.SpatialPadd(KEYS, spatial_size=patch), *random])
+    return T.Compose([*cached, *random])
 
 
 def val_transforms(task: Mapping) -> T.Compose:

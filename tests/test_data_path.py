@@ -1,0 +1,144 @@
+"""The training data path: what the cache holds, what a batch holds, where it lives."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from monai.data import CacheDataset, DataLoader, ThreadDataLoader
+from monai.transforms import Compose
+
+from lightning_seg.data.datamodule import MSDDataModule
+from lightning_seg.data.transforms import CROP_CENTRES, class_ratios, preprocessing
+
+from .conftest import compose_config, tiny_synthetic_overrides
+
+GPU_FALLBACK = (
+    "data.cache=gpu needs a CUDA GPU and none is available: caching preprocessed volumes "
+    "in CPU memory instead (data.cache=memory)"
+)
+
+
+def datamodule(tmp_path, task_dir, overrides=()):
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), *overrides], data_dir=task_dir.parent)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def draw(dm, epochs: int) -> list[dict]:
+    return [batch for _ in range(epochs) for batch in dm.train_dataloader()]
+
+
+def test_class_ratios_give_background_neg_and_share_pos_among_the_classes():
+    assert class_ratios([1, 1], 3) == [1, 0.5, 0.5]
+    assert class_ratios([2, 1], 2) == [1, 2.0]
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk", "none"])
+def test_batches_hold_plain_image_and_label_patches_only(tmp_path, synthetic_task_dir, cache):
+    dm = datamodule(tmp_path, synthetic_task_dir, [f"data.cache={cache}", "task.patch_size=[16,16,16]"])
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "label"}  # the cached crop centres stay out of the batch
+    for value in batch.values():
+        assert type(value) is torch.Tensor and value.shape == (2, 1, 16, 16, 16)
+        assert value.dtype == torch.float32
+
+
+def test_cache_holds_a_bounded_number_of_crop_centres_per_class(tmp_path, synthetic_task_dir):
+    dm = datamodule(tmp_path, synthetic_task_dir, ["data.crop_centres_per_class=50"])
+    for item in dm.train_set._cache:
+        centres = item[CROP_CENTRES]
+        assert len(centres) == 3  # background, organ_a, organ_b
+        assert all(0 < len(c) <= 50 for c in centres)
+        for value, c in enumerate(centres):  # every candidate lies in its class
+            assert (item["label"].flatten()[c] == value).all()
+
+
+def test_foreground_only_patches_all_contain_foreground(tmp_path, synthetic_task_dir):
+    dm = datamodule(
+        tmp_path,
+        synthetic_task_dir,
+        ["task.patch_size=[8,8,8]", "data.pos_neg_ratio=[1,0]", "data.augment=false"],
+    )
+    patches = [label for batch in draw(dm, 10) for label in batch["label"]]
+    assert len(patches) == 10 * 2 * len(dm.train_cases)
+    assert all((label > 0).any() for label in patches)
+
+
+def test_many_augmented_draws_leave_the_uncopied_cache_bit_identical(tmp_path, synthetic_task_dir):
+    dm = datamodule(tmp_path, synthetic_task_dir, ["task.patch_size=[16,16,16]", "data.augment=true"])
+    assert isinstance(dm.train_set, CacheDataset) and not dm.train_set.copy_cache
+    before = copy.deepcopy(dm.train_set._cache)
+    batches = draw(dm, 50)
+    assert len(batches) == 50 * len(dm.train_cases)
+    assert not torch.equal(batches[0]["image"], batches[1]["image"])  # the draws did differ
+    for cached, original in zip(dm.train_set._cache, before, strict=True):
+        assert set(cached) == set(original)
+        assert torch.equal(cached["image"], original["image"])
+        assert torch.equal(cached["label"], original["label"])
+        for now, then in zip(cached[CROP_CENTRES], original[CROP_CENTRES], strict=True):
+            assert torch.equal(now, then)
+
+
+def test_foreground_crop_trims_training_volumes_only(tmp_path, synthetic_task_dir):
+    dm = datamodule(tmp_path, synthetic_task_dir, ["task.crop_foreground=true", "task.patch_size=[16,16,16]"])
+    uncropped = Compose(preprocessing(dm.task))
+    for case, cached in zip(dm.train_cases, dm.train_set._cache, strict=True):
+        full = uncropped(dict(case))
+        assert all(c <= f for c, f in zip(cached["image"].shape, full["image"].shape, strict=True))
+        assert cached["image"].numel() < full["image"].numel()
+        # only zero background went: every labelled voxel is still there
+        assert (cached["label"] > 0).sum() == (full["label"] > 0).sum()
+    for case, val in zip(dm.val_cases, dm.val_set._cache, strict=True):
+        assert val["image"].shape == uncropped(dict(case))["image"].shape
+
+
+def test_thread_loader_prefetches_the_same_kind_of_batches(tmp_path, synthetic_task_dir):
+    dm = datamodule(tmp_path, synthetic_task_dir, ["data.loader=thread"])
+    assert isinstance(dm.train_dataloader(), ThreadDataLoader)
+    assert isinstance(dm.val_dataloader(), ThreadDataLoader)
+    batches = draw(dm, 2)
+    assert len(batches) == 2 * len(dm.train_cases)  # one volume, two patches per batch
+    assert all(set(b) == {"image", "label"} and b["image"].shape == (2, 1, 32, 32, 32) for b in batches)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [("cache", "ram", "memory, disk, gpu, none"), ("loader", "process", "torch, thread")],
+)
+def test_unknown_cache_or_loader_is_refused(tmp_path, key, value, allowed):
+    cfg = compose_config(tmp_path, tiny_synthetic_overrides())
+    with pytest.raises(ValueError, match=rf"data\.{key} must be one of {allowed}, got '{value}'"):
+        MSDDataModule(str(tmp_path), cfg.task, **{key: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without a CUDA GPU")
+def test_gpu_cache_without_cuda_falls_back_to_memory_with_one_warning(tmp_path, synthetic_task_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="lightning_seg.data.datamodule"):
+        dm = datamodule(tmp_path, synthetic_task_dir, ["data.cache=gpu"])
+        batch = next(iter(dm.train_dataloader()))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [GPU_FALLBACK]
+    assert dm.cache == "memory" and isinstance(dm.train_set, CacheDataset)
+    assert isinstance(dm.train_dataloader(), DataLoader) and batch["image"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is available")
+def test_gpu_cache_draws_batches_on_the_gpu(tmp_path, synthetic_task_dir):
+    dm = datamodule(tmp_path, synthetic_task_dir, ["data.cache=gpu", "data.num_workers=2"])
+    cached = dm.train_set._cache[0]
+    assert cached["image"].device.type == "cuda" and cached["label"].device.type == "cuda"
+    assert all(c.device.type == "cpu" for c in cached[CROP_CENTRES])
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ThreadDataLoader) and loader.num_workers == 0 and not loader.pin_memory
+    batches = draw(dm, 3)
+    assert len(batches) == 3 * len(dm.train_cases)
+    for batch in batches:
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].device.type == "cuda" and batch["label"].device.type == "cuda"
+        assert batch["image"].shape == (2, 1, 32, 32, 32)
+    # validation volumes stay in CPU memory
+    assert next(iter(dm.val_dataloader()))["image"].device.type == "cpu"
