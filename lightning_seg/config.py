@@ -26,11 +26,19 @@ def default_workers() -> int:
     return min(8, max(1, (os.cpu_count() or 2) // 2))
 
 
+def deterministic_mode(reproducible: bool) -> bool | str:
+    """Lightning's `deterministic` for the `reproducible` switch: "warn" rather than True, because
+    3D max-pool and trilinear upsampling have no deterministic CUDA backward and would stop the run."""
+    return "warn" if reproducible else False
+
+
 def _register() -> None:
     resolvers = {
         "repo_root": repo_root,
         "default_workers": default_workers,
         "len": len,
+        "not": lambda value: not value,
+        "deterministic_mode": deterministic_mode,
         "max": max,
         "trainer_precision": trainer_precision,
         "basename": lambda path: Path(path).name,

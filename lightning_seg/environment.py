@@ -18,6 +18,8 @@ def environment_info() -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.fp32_precision,
         "tf32_cudnn_conv": torch.backends.cudnn.conv.fp32_precision,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
         "lightning": pl.__version__,
         "monai": monai.__version__,
         "cpu": platform.processor() or platform.machine(),

@@ -77,6 +77,13 @@ def _precision_rank(precision: str) -> int:
     return PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
 
 
+# the GPU's training-step peak (validation apart); on a CPU only the process peak exists
+MEMORY_COLUMNS = {
+    "memory/train_peak_gib": "training peak GPU memory (GiB)",
+    "memory/peak_gib": "process peak RSS, CPU (GiB)",
+}
+
+
 def summary_table(runs: list[Run]) -> pd.DataFrame:
     """One row per precision: mean time to each threshold over seeds, speed-up vs fp32, best Dice."""
     thresholds = runs[0].thresholds
@@ -94,8 +101,10 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
             row[f"time to {t:g} (s)"] = float(times[reached].mean()) if reached.all() else float("nan")
             row[f"reached {t:g}"] = f"{int(reached.sum())}/{len(group)}"
         row["best val/dice"] = float(np.mean([r.curve["val/dice"].max() for r in group]))
-        if all("memory/peak_gib" in r.curve for r in group):
-            row["peak memory (GiB)"] = float(np.mean([r.curve["memory/peak_gib"].max() for r in group]))
+        for column, name in MEMORY_COLUMNS.items():
+            if all(column in r.curve for r in group):
+                row[name] = float(np.mean([r.curve[column].max() for r in group]))
+                break
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table[table["precision"] == PRECISION_LABEL["32"]]

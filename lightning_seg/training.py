@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = [instantiate(c) for c in cfg.logger.values() if c]
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
-    env = environment_info()
+    env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
     log.info("environment: %s", env)
     (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
     for logger in loggers:
@@ -52,6 +52,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.exception("training failed; run dir: %s", output_dir)
         raise
     finally:
+        # what compile and the fused optimizer became on this machine is known once fit has started
+        env["fast_path"] = module.fast_path
+        (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 

@@ -3,6 +3,9 @@
 For every grid point (precision x model x patch x batch) it times warm-up plus N steps of the
 project's training step, phase by phase, and writes bench.json, bench.md and PNG charts into
 the run dir. An out-of-memory point is recorded as such and the grid goes on.
+
+`bench=loader` times the same step fed by the task's real training loader against synthetic
+input, at the task's patch and `data.batch_size`, and prints both rates and their ratio.
 """
 
 import importlib.util
@@ -16,6 +19,7 @@ import hydra
 import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_seg.bench.step import measure
@@ -28,12 +32,22 @@ ANCHOR_MODELS = {"basic_unet": "basicunet", "monai_unet": "monai_unet", "dynunet
 ANCHOR_MODES = {"32": "fp32", "tf32": "tf32", "16": "fp16", "bf16": "bf16"}
 
 
-def grid(cfg: DictConfig) -> list[tuple[str, str, int, int]]:
+def anchor_mode(precision: str, device: torch.device, compiled: bool) -> str:
+    """The bare loop's mode for a precision choice; fp16 autocast becomes bf16 on a CPU, as in Lightning."""
+    mode = ANCHOR_MODES[precision]
+    if mode == "fp16" and device.type != "cuda":
+        mode = "bf16"
+    return mode + ("+compile" if compiled else "")
+
+
+def grid(cfg: DictConfig) -> list[tuple[str, str, int | None, int]]:
+    """(precision, model, patch edge, batch) points; in loader mode the task's patch (edge None)."""
     precisions = list(cfg.bench.precisions) or [cfg.precision]
     models = list(cfg.bench.models) or [HydraConfig.get().runtime.choices["model"]]
+    points = [(None, cfg.data.batch_size)] if cfg.bench.loader else cfg.bench.points
     return [
-        (str(p), m, int(edge), int(batch))
-        for p, m, (edge, batch) in itertools.product(precisions, models, cfg.bench.points)
+        (str(p), m, None if edge is None else int(edge), int(batch))
+        for p, m, (edge, batch) in itertools.product(precisions, models, points)
     ]
 
 
@@ -75,41 +89,57 @@ def mean_of_rounds(rounds: list[dict]) -> dict:
     }
 
 
-def run_point(cfg: DictConfig, precision: str, model: str, edge: int, batch: int, device, anchor) -> dict:
-    record = {"precision": precision, "model": model, "patch": edge, "batch": batch}
-    overrides = [
-        *HydraConfig.get().overrides.task,
-        f"precision={precision}",
-        f"model={model}",
-        f"task.patch_size=[{edge},{edge},{edge}]",
-    ]
-    point_cfg = compose(config_name="bench", overrides=overrides)
-    bench = cfg.bench
-    runs = {
-        "project": lambda: measure(point_cfg, batch, device),
-        "anchor": lambda: anchor.run(
+def side_by_side(runs: dict, device) -> dict:
+    """A-B-B-A rounds of two measurements: whichever runs first pays for warming kernels and allocator."""
+    first, second = runs
+    results = {name: [] for name in runs}
+    for name in (first, second, second, first):
+        results[name].append(attempt(name, runs[name], device))
+    return {name: mean_of_rounds(rounds) for name, rounds in results.items()}
+
+
+def run_point(
+    base: list[str], precision: str, model: str, edge: int | None, batch: int, device, anchor, datamodule
+) -> dict:
+    """One grid point: the bench config composed from `base` overrides plus the point's own."""
+    overrides = [*base, f"precision={precision}", f"model={model}"]
+    if edge is not None:
+        overrides.append(f"task.patch_size=[{edge},{edge},{edge}]")
+    cfg = compose(config_name="bench", overrides=overrides)
+    patch = edge if edge is not None else "x".join(str(e) for e in cfg.task.patch_size)
+    record = {"precision": precision, "model": model, "patch": patch, "batch": batch}
+    runs = {"project": lambda: measure(cfg, batch, device)}
+    if datamodule is not None:
+        runs["loader"] = lambda: measure(cfg, batch, device, datamodule.train_dataloader())
+    elif anchor is not None:
+        runs["anchor"] = lambda: anchor.run(
             ANCHOR_MODELS[model],
             edge,
             batch,
-            ANCHOR_MODES[precision],
-            bench.channels_last_3d,
-            bench.steps,
-            bench.warmup,
-        ),
-    }
-    if anchor is None:
+            anchor_mode(precision, device, cfg.speed.compile),
+            cfg.speed.channels_last_3d,
+            cfg.bench.steps,
+            cfg.bench.warmup,
+        )
+    if len(runs) == 1:
         record["project"] = attempt("project", runs["project"], device)
     else:
-        # A-B-B-A: whichever runs first at a point pays for warming kernels and allocator
-        results = {name: [] for name in runs}
-        for name in ("project", "anchor", "anchor", "project"):
-            results[name].append(attempt(name, runs[name], device))
-        record.update({name: mean_of_rounds(rounds) for name, rounds in results.items()})
-        ours, theirs = record["project"], record["anchor"]
-        if "median_s" in ours and "median_s" in theirs:
-            record["project_over_anchor"] = ours["median_s"]["total"] / theirs["median_s"]["total"]
+        record.update(side_by_side(runs, device))
+    ours, theirs, loader = record["project"], record.get("anchor", {}), record.get("loader", {})
+    if "median_s" in ours and "median_s" in theirs:
+        record["project_over_anchor"] = ours["median_s"]["total"] / theirs["median_s"]["total"]
+    if "median_s" in ours and "median_s" in loader:
+        record["loader_over_synthetic_rate"] = loader["samples_per_s"] / ours["samples_per_s"]
     log.info("%s", json.dumps(record))
     return record
+
+
+def prepared_datamodule(cfg: DictConfig):
+    """The task's real training data, checked and cached once for every point."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="bench")
@@ -117,10 +147,16 @@ def main(cfg: DictConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(HydraConfig.get().runtime.output_dir)
     anchor = load_anchor(cfg.bench.anchor_script) if cfg.bench.anchor_script else None
-    records = [run_point(cfg, *point, device, anchor) for point in grid(cfg)]
-    env = environment_info()
-    env["cudnn_benchmark"] = bool(cfg.bench.cudnn_benchmark)
-    result = {"environment": env, "bench": OmegaConf.to_container(cfg.bench, resolve=True), "points": records}
+    datamodule = prepared_datamodule(cfg) if cfg.bench.loader else None
+    base = list(HydraConfig.get().overrides.task)
+    records = [run_point(base, *point, device, anchor, datamodule) for point in grid(cfg)]
+    env = environment_info()  # after the points: the flags their Trainers set
+    result = {
+        "environment": env,
+        "bench": OmegaConf.to_container(cfg.bench, resolve=True),
+        "speed": {**OmegaConf.to_container(cfg.speed, resolve=True), "reproducible": cfg.reproducible},
+        "points": records,
+    }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(markdown_table(result))
     plot_phases(result, out / "phases.png")

@@ -1,116 +1,141 @@
-"""Time one training step of the project's module, phase by phase, at one grid point."""
+"""Time the training step `train.py` runs, phase by phase, at one grid point.
 
+The step runs inside a real Lightning Trainer: the same module, precision plugin (autocast and
+grad scaling as Lightning does them), optimizer config and fast-path switches (`speed.*`,
+`cudnn_benchmark` and `deterministic`, both set by `reproducible`) as training; phases come from
+the same StepBreakdown callback training logs with.
+Input is either synthetic (tensors already on the device: the step alone) or the real training
+loader (the step as a run sees it, loader waits included).
+"""
+
+import itertools
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
+from copy import deepcopy
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning import Callback, Trainer, seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_seg.callbacks.step_breakdown import StepBreakdown
 from lightning_seg.memory import peak_memory_gib
-from lightning_seg.precision import autocast, autocast_dtype, set_tf32, uses_tf32
-
-PHASES = ("forward", "loss", "backward", "optimizer", "total")
-
-
-class PhaseClock:
-    """CUDA events on a GPU (read after one synchronisation per step), host clock on a CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def durations(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:], strict=False)]
-        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
+from lightning_seg.profiler import DataWaitProfiler
 
 
-def measure(cfg: DictConfig, batch_size: int, device: torch.device) -> dict:
-    """Warm-up, then `cfg.bench.steps` timed steps of forward, loss, backward, optimizer."""
-    bench = cfg.bench
-    torch.manual_seed(cfg.seed)
-    set_tf32(uses_tf32(cfg.precision))
-    torch.backends.cudnn.benchmark = bool(bench.cudnn_benchmark)
-    memory_format = torch.channels_last_3d if bench.channels_last_3d else torch.contiguous_format
-    module = instantiate(cfg.module).to(device).to(memory_format=memory_format).train()
-    forward: Callable = torch.compile(module.net) if bench.compile else module.net
-    fused = (
-        bool(bench.fused_adam)
-        and device.type == "cuda"
-        and "adam" in cfg.optimizer.optimizer._target_.lower()
-    )
-    optimizer = instantiate(cfg.optimizer.optimizer, **({"fused": True} if fused else {}))(
-        module.parameters()
-    )
-    dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+class SyntheticBatches(Iterable):
+    """`length` training batches drawn in turn from a few random input sets on the device."""
+
+    def __init__(self, inputs: list[dict[str, torch.Tensor]], length: int) -> None:
+        self.inputs, self.length = inputs, length
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self.inputs[i % len(self.inputs)] for i in range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class StepRecorder(Callback):
+    """Batch start times, data wait and losses; resets the CUDA peak once warm-up is over."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.starts: list[float] = []
+        self.losses: list[float] = []
+        self.wait_at_warmup = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if len(self.starts) == self.warmup:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self.wait_at_warmup = trainer.profiler.data_wait_s
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def synthetic_inputs(cfg: DictConfig, batch_size: int, device: torch.device) -> list[dict]:
     shape = (batch_size, cfg.task.in_channels, *cfg.task.patch_size)
-    inputs = [
-        (
-            torch.randn(shape, device=device).to(memory_format=memory_format),
-            torch.randint(
-                0, len(cfg.task.labels), (batch_size, 1, *cfg.task.patch_size), device=device
-            ).float(),
-        )
-        for _ in range(bench.input_sets)
+    label_shape = (batch_size, 1, *cfg.task.patch_size)
+    return [
+        {
+            "image": torch.randn(shape, device=device),
+            "label": torch.randint(0, len(cfg.task.labels), label_shape, device=device).float(),
+        }
+        for _ in range(cfg.bench.input_sets)
     ]
 
-    def step(x, y, clock: PhaseClock | None = None) -> torch.Tensor:
-        tick = clock.mark if clock else (lambda: None)
-        optimizer.zero_grad(set_to_none=True)
-        tick()
-        with autocast(cfg.precision, device):
-            logits = forward(x)
-        tick()
-        loss = module.compute_loss(logits, y)  # the training code path: fp32 reductions
-        tick()
-        scaler.scale(loss).backward()
-        tick()
-        scaler.step(optimizer)
-        scaler.update()
-        tick()
-        return loss
 
-    with FlopCounterMode(display=False) as counter:  # forward + backward of one step, counted once
-        step(*inputs[0])
-    flops = counter.get_total_flops()
-    for i in range(bench.warmup):
-        step(*inputs[i % len(inputs)])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    for i in range(bench.steps):
-        clock = PhaseClock(device)
-        loss = step(*inputs[i % len(inputs)], clock)
-        phases = clock.durations()
-        for phase, seconds in zip(PHASES, [*phases, sum(phases)], strict=True):
-            times[phase].append(seconds)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {float(loss)}")
-    total = statistics.median(times["total"])
-    voxels = batch_size * torch.tensor(cfg.task.patch_size).prod().item()
+def train_step_flops(module, batch: dict) -> int:
+    """FLOPs of one forward and backward, counted eagerly on a copy of the module: a counted
+    backward on the timed module itself was seen to leave it producing NaN under CPU bf16."""
+    copy = deepcopy(module)
+    with FlopCounterMode(display=False) as counter:
+        copy.compute_loss(copy(batch["image"]), batch["label"]).backward()
+    return counter.get_total_flops()
+
+
+def measure(cfg: DictConfig, batch_size: int, device: torch.device, loader: Iterable | None = None) -> dict:
+    """Warm-up, then `cfg.bench.steps` timed training steps; synthetic input unless `loader` is given."""
+    bench = cfg.bench
+    if bench.steps < 2:
+        raise ValueError("bench.steps must be at least 2 (step rates come from consecutive batch starts)")
+    seed_everything(cfg.seed, workers=True)
+    set_tf32(uses_tf32(cfg.precision))
+    module = instantiate(cfg.module)
+    inputs = synthetic_inputs(cfg, batch_size, device)
+    flops = train_step_flops(module.to(device), inputs[0])
+    steps = bench.warmup + bench.steps
+    breakdown, recorder = StepBreakdown(every_n_steps=1, keep=True), StepRecorder(bench.warmup)
+    with tempfile.TemporaryDirectory(prefix="bench-") as root:
+        trainer = Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=trainer_precision(cfg.precision),
+            benchmark=cfg.cudnn_benchmark,
+            deterministic=cfg.deterministic,
+            max_steps=steps,
+            max_epochs=-1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[breakdown, recorder],
+            profiler=DataWaitProfiler(),
+            default_root_dir=root,
+        )
+        trainer.fit(module, train_dataloaders=loader or SyntheticBatches(inputs, steps))
+    loss = recorder.losses[-1]
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FloatingPointError(f"non-finite loss {loss}")
+    timed = breakdown.history[bench.warmup :]
+    starts = recorder.starts[bench.warmup :]
+    intervals = [b - a for a, b in itertools.pairwise(starts)]
+    interval = statistics.median(intervals)
+    total = statistics.median(step["total"] for step in timed)
+    voxels = batch_size * torch.tensor(list(cfg.task.patch_size)).prod().item()
     return {
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "iqr_s": {k: _iqr(v) for k, v in times.items()},
+        "median_s": {k: statistics.median(step[k] for step in timed) for k in timed[0]},
+        "iqr_s": {k: _iqr([step[k] for step in timed]) for k in timed[0]},
+        "step_interval_s": interval,  # batch start to batch start: loader, step and Lightning together
+        "data_wait_frac": (trainer.profiler.data_wait_s - recorder.wait_at_warmup)
+        / (recorder.starts[-1] - recorder.starts[bench.warmup]),
         "peak_memory_gib": peak_memory_gib(device),
-        "samples_per_s": batch_size / total,
+        "samples_per_s": batch_size / interval,
         "voxels_per_s": voxels / total,
         "train_step_gflop": flops / 1e9,
         "tflop_per_s": flops / total / 1e12,
-        "loss": float(loss),
+        "loss": loss,
+        "fast_path": module.fast_path,
     }
 
 

@@ -17,6 +17,11 @@ def _same_point(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("model", "patch", "batch"))
 
 
+def patch_label(point: dict) -> str:
+    """`128^3` for a cube (grid points), `40x56x40` for a task's own patch (loader mode)."""
+    return f"{point['patch']}^3" if isinstance(point["patch"], int) else str(point["patch"])
+
+
 def _device(env: dict) -> str:
     return env["gpu"] or f"CPU ({env['cpu_count']} cores, {env['torch_threads']} threads)"
 
@@ -38,7 +43,7 @@ def markdown_table(result: dict) -> str:
     ]
     for p in points:
         head = (
-            f"| {p['model']} | {p['patch']}^3, {p['batch']} | {LABEL.get(p['precision'], p['precision'])} |"
+            f"| {p['model']} | {patch_label(p)}, {p['batch']} | {LABEL.get(p['precision'], p['precision'])} |"
         )
         ours = p.get("project", {})
         if "median_s" not in ours:
@@ -58,14 +63,43 @@ def markdown_table(result: dict) -> str:
             + f" | {ours['peak_memory_gib']:.2f} | {ours['tflop_per_s']:.2f} | {speedups[0]} | {speedups[1]}"
             f" | {bare} | {ratio} |"
         )
+    if any("loader" in p for p in points):
+        lines += ["", *loader_table(points)]
     return "\n".join(lines) + "\n"
+
+
+def loader_table(points: list[dict]) -> list[str]:
+    """Training samples per second with the real loader against synthetic input, same step."""
+    lines = [
+        "## Real loader against synthetic input",
+        "",
+        "Samples per second from batch start to batch start (loader, step and Lightning together); "
+        "data wait: share of that time spent inside the loader's `next()`.",
+        "",
+        "| model | patch, batch | method | synthetic samples/s | loader samples/s | loader / synthetic "
+        "| data wait (loader) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        ours, loader = p.get("project", {}), p.get("loader", {})
+        head = (
+            f"| {p['model']} | {patch_label(p)}, {p['batch']} | {LABEL.get(p['precision'], p['precision'])} |"
+        )
+        if "median_s" not in ours or "median_s" not in loader:
+            lines.append(f"{head} {ours.get('error', loader.get('error', 'not run'))} |" + " |" * 3)
+            continue
+        lines.append(
+            f"{head} {ours['samples_per_s']:.2f} | {loader['samples_per_s']:.2f} | "
+            f"{p['loader_over_synthetic_rate']:.3f} | {100 * loader['data_wait_frac']:.1f}% |"
+        )
+    return lines
 
 
 def _figure(result: dict):
     """Points that were measured, their bar labels, and an empty figure sized for them."""
     points = _ok(result["points"])
     labels = [
-        f"{p['model']}\n{p['patch']}^3 b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
+        f"{p['model']}\n{patch_label(p)} b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
         for p in points
     ]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)

@@ -1,13 +1,48 @@
-"""Peak memory, logged with every validation."""
+"""Peak memory of training and of validation, logged with every validation."""
 
+import logging
+
+import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from lightning_seg.memory import peak_memory_gib
 
+log = logging.getLogger(__name__)
+
 
 class PeakMemory(Callback):
-    """Logs `memory/peak_gib`: peak GPU memory allocated by PyTorch, or peak RSS on CPU."""
+    """On a GPU: `memory/train_peak_gib`, the peak allocated by the training steps since the previous
+    validation, and `memory/val_peak_gib`, the peak of whole-volume validation (the CUDA peak counter
+    is reset at each boundary). On a CPU a process's peak resident set cannot be reset, so only
+    `memory/peak_gib` is logged: the process peak so far, data cache and validation included."""
+
+    def __init__(self) -> None:
+        self._train_peak: float | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        else:
+            log.info(
+                "memory/peak_gib is this process's peak resident memory (CPU: training, validation "
+                "and the data cache together; it cannot be reset between them)"
+            )
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda" and not trainer.sanity_checking:
+            self._train_peak = peak_memory_gib(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        if pl_module.device.type != "cuda":
             pl_module.log("memory/peak_gib", peak_memory_gib(pl_module.device))
+            return
+        pl_module.log("memory/val_peak_gib", peak_memory_gib(pl_module.device))
+        if self._train_peak is not None:
+            pl_module.log("memory/train_peak_gib", self._train_peak)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda" and not trainer.sanity_checking:
+            torch.cuda.reset_peak_memory_stats(pl_module.device)

@@ -8,27 +8,65 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from lightning_seg.memory import peak_memory_gib
 
 PHASES = ("forward", "loss", "backward", "optimizer")
+MARKS = ("start", *PHASES)
+
+
+class PhaseClock:
+    """CUDA events on a GPU (read after one synchronisation at the end of the step, so the step runs
+    as it would unmeasured), the host clock on a CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: dict[str, object] = {}
+
+    def mark(self, name: str) -> None:
+        if name in self.marks:
+            return
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def durations(self) -> dict[str, float] | None:
+        """Seconds per phase and `total`, or None when the step did not pass every mark in order."""
+        if list(self.marks) != list(MARKS):  # e.g. a step the optimizer skipped
+            return None
+        bounds = [self.marks[k] for k in MARKS]
+        if self.cuda:
+            torch.cuda.synchronize()
+            seconds = [a.elapsed_time(b) / 1000 for a, b in zip(bounds, bounds[1:], strict=False)]
+        else:
+            seconds = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        return {**dict(zip(PHASES, seconds, strict=True)), "total": sum(seconds)}
 
 
 class StepBreakdown(Callback):
     """Every `every_n_steps` training steps, time one step phase by phase and log
     `step/<phase>_s`, `step/total_s` and `step/peak_memory_gib`.
 
-    Phases are split where Lightning's hooks and the network's forward hook fire, with a
-    CUDA synchronisation at each boundary (as the reference talk measured), and only on the
-    measured steps: other steps pay one integer comparison. `every_n_steps=0` turns it off.
+    Phases are split where Lightning's hooks and the network's forward hook fire, so this times the
+    step exactly as training runs it (precision plugin, grad scaler, optimizer config included).
+    Other steps pay one integer comparison. `every_n_steps=0` turns it off. `keep=True` also keeps
+    every measured step in `history` (the step benchmark reads it).
     """
 
-    def __init__(self, every_n_steps: int = 50) -> None:
+    def __init__(self, every_n_steps: int = 50, keep: bool = False) -> None:
         self.every_n_steps = every_n_steps
-        self._marks: dict[str, float] | None = None
+        self.keep = keep
+        self.history: list[dict[str, float]] = []
+        self._clock: PhaseClock | None = None
         self._hook = None
-        self._cuda = False
         self._measured_step = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.every_n_steps > 0 and self._hook is None:
-            self._hook = pl_module.net.register_forward_hook(lambda *_: self._mark("forward"))
+            # kept out of torch.compile's graph: a host clock cannot be traced (a graph break either way,
+            # after the network's last op)
+            self._hook = pl_module.net.register_forward_hook(
+                torch.compiler.disable(lambda *_: self._mark("forward"))
+            )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._hook is not None:
@@ -36,17 +74,14 @@ class StepBreakdown(Callback):
             self._hook = None
 
     def _mark(self, name: str) -> None:
-        if self._marks is not None and name not in self._marks:
-            if self._cuda:
-                torch.cuda.synchronize()
-            self._marks[name] = time.perf_counter()
+        if self._clock is not None:
+            self._clock.mark(name)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
     ) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._cuda = pl_module.device.type == "cuda"
-            self._marks = {}
+            self._clock = PhaseClock(pl_module.device.type == "cuda")
             self._measured_step = trainer.global_step
             self._mark("start")
 
@@ -59,18 +94,16 @@ class StepBreakdown(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
     ) -> None:
-        if self._marks is None:
+        if self._clock is None:
             return
         self._mark("optimizer")
-        marks, self._marks = self._marks, None
-        if list(marks) != ["start", *PHASES]:  # e.g. a skipped step: nothing sound to log
+        clock, self._clock = self._clock, None
+        seconds = clock.durations()
+        if seconds is None:
             return
-        bounds = [marks[k] for k in ("start", *PHASES)]
-        metrics = {
-            f"step/{phase}_s": end - begin
-            for phase, begin, end in zip(PHASES, bounds, bounds[1:], strict=False)
-        }
-        metrics["step/total_s"] = bounds[-1] - bounds[0]
+        if self.keep:
+            self.history.append(seconds)
+        metrics = {f"step/{phase}_s": value for phase, value in seconds.items()}
         metrics["step/peak_memory_gib"] = peak_memory_gib(pl_module.device)
         # straight to the loggers: self.log would drop steps that fall between log_every_n_steps
         for logger in trainer.loggers:

@@ -1,0 +1,75 @@
+"""Is the step starved? Data wait, samples per second and compile time, logged with every validation."""
+
+import logging
+import time
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+
+from lightning_seg.callbacks.training_clock import TrainingClock
+from lightning_seg.profiler import DataWaitProfiler
+
+log = logging.getLogger(__name__)
+
+
+class Throughput(Callback):
+    """Logs `time/data_wait_s` (seconds the training loop waited inside the loader's `next()`),
+    `perf/data_wait_frac` (that wait over training time, validation excluded), `perf/samples_per_s`
+    (patches trained per second of training time) and, for a compiled network, `time/compile_s`
+    once: how much longer the first step took than the second (graph capture and kernel builds).
+
+    Needs the TrainingClock callback and Lightning's profiler set to DataWaitProfiler.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._wait_before_resume = 0.0  # the profiler counts from zero in every process
+        self._step_starts: list[float] = []
+        self._compile_logged = False
+        self._trainer: Trainer | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if not isinstance(trainer.profiler, DataWaitProfiler):
+            log.warning(
+                "trainer.profiler is %s, not DataWaitProfiler: time/data_wait_s is not logged",
+                type(trainer.profiler).__name__,
+            )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+        if len(self._step_starts) < 3:
+            self._step_starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx):
+        self.samples += len(batch["image"]) * trainer.world_size
+        if len(self._step_starts) == 3 and not self._compile_logged:
+            self._compile_logged = True
+            if getattr(pl_module, "fast_path", {}).get("compiled"):
+                first, second = (
+                    b - a for a, b in zip(self._step_starts, self._step_starts[1:], strict=False)
+                )
+                pl_module.fast_path["compile_s"] = max(0.0, first - second)
+                log.info("torch.compile: the first step took %.1f s longer than the second", first - second)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
+        if trainer.sanity_checking or clock is None or clock.train_seconds() <= 0:
+            return
+        train_s = clock.train_seconds()
+        pl_module.log("perf/samples_per_s", self.samples / train_s)
+        if "compile_s" in getattr(pl_module, "fast_path", {}):
+            pl_module.log("time/compile_s", pl_module.fast_path["compile_s"])
+        if isinstance(trainer.profiler, DataWaitProfiler):
+            wait = self._data_wait_s(trainer)
+            pl_module.log("time/data_wait_s", wait)
+            pl_module.log("perf/data_wait_frac", wait / train_s)
+
+    def _data_wait_s(self, trainer: Trainer) -> float:
+        profiler = trainer.profiler if isinstance(trainer.profiler, DataWaitProfiler) else None
+        return self._wait_before_resume + (profiler.data_wait_s if profiler else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples, "data_wait_s": self._data_wait_s(self._trainer)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.samples = state_dict["samples"]
+        self._wait_before_resume = state_dict.get("data_wait_s", 0.0)

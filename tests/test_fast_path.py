@@ -1,0 +1,129 @@
+"""The fast path: speed flags by default, reproducibility on request, compile, data wait, memory split."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from lightning_seg.inference import Predictor
+from lightning_seg.training import train
+
+from .conftest import compose_config, tiny_synthetic_overrides
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine"
+)
+
+
+@pytest.fixture
+def restore_torch_flags():
+    """Lightning sets process-wide torch flags from the Trainer's arguments: put them back."""
+    benchmark = torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = benchmark
+
+
+@pytest.mark.parametrize(
+    "reproducible, benchmark, deterministic", [(False, True, False), (True, False, True)]
+)
+def test_speed_by_default_and_deterministic_kernels_on_request(
+    tmp_path, restore_torch_flags, reproducible, benchmark, deterministic
+):
+    cfg = compose_config(
+        tmp_path, [*tiny_synthetic_overrides(), "trainer.fast_dev_run=true", f"reproducible={reproducible}"]
+    )
+    assert cfg.trainer.benchmark is benchmark
+    train(cfg)
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env["cudnn_benchmark"] is benchmark
+    assert env["deterministic_algorithms"] is deterministic
+    # 3D max-pool has no deterministic CUDA backward: a warning, not a stopped run
+    assert env["deterministic_warn_only"] is deterministic
+    assert env["fast_path"] == {"compiled": False, "channels_last_3d": False, "fused_optimizer": False}
+
+
+def run_short(tmp_path, *overrides: str):
+    cfg = compose_config(
+        tmp_path,
+        [
+            *tiny_synthetic_overrides(),
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=3",
+            "trainer.log_every_n_steps=1",
+            *overrides,
+        ],
+        data_dir=tmp_path.parent / "data",
+    )
+    metrics, objects = train(cfg)
+    return metrics, objects, pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
+
+
+def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_prediction(tmp_path):
+    _, _, eager = run_short(tmp_path / "eager")
+    _, objects, compiled = run_short(tmp_path / "compiled", "speed.compile=true")
+    assert objects["module"].fast_path["compiled"] is True
+    # same seed, same batches: the compiled network computes the same losses
+    losses = [
+        frame.dropna(subset=["train/loss_step"])["train/loss_step"].to_numpy() for frame in (eager, compiled)
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-4)
+    val = compiled.dropna(subset=["val/dice"]).iloc[-1]
+    assert val["time/compile_s"] > 0  # graph capture and kernel builds, paid inside time/train_s
+    assert val["time/train_s"] > val["time/compile_s"]
+    [ckpt] = (tmp_path / "compiled" / "run" / "checkpoints").glob("best-*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not [k for k in state if "_orig_mod" in k]
+    predictor = Predictor(ckpt, device="cpu")  # strict load_state_dict: every key matches
+    weights = {f"net.{k}": v for k, v in predictor.net.state_dict().items()}
+    assert all(torch.equal(weights[k], v) for k, v in state.items() if k.startswith("net."))
+
+
+def test_data_wait_and_throughput_are_logged_with_each_validation(tmp_path):
+    _, _, log = run_short(tmp_path)
+    val = log.dropna(subset=["val/dice"]).iloc[-1]
+    assert 0.0 <= val["time/data_wait_s"] < val["time/train_s"]
+    assert 0.0 <= val["perf/data_wait_frac"] < 1.0
+    assert val["perf/data_wait_frac"] == pytest.approx(
+        val["time/data_wait_s"] / val["time/train_s"], rel=1e-3
+    )
+    # 3 steps of 2 patches over the training time
+    assert val["perf/samples_per_s"] == pytest.approx(6 / val["time/train_s"], rel=1e-3)
+    # on a CPU the process peak is all there is, and it is said to be so
+    assert val["memory/peak_gib"] > 0 and "memory/train_peak_gib" not in log
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_training_and_validation_peaks_are_measured_apart(tmp_path):
+    # whole 128 x 128 x 96 volumes in validation against 32^3 training patches
+    _, _, log = run_short(
+        tmp_path, "task.synthetic.shape=[128,128,96]", "hardware=gpu", "module.sw_batch_size=16"
+    )
+    val = log.dropna(subset=["val/dice"]).iloc[-1]
+    assert 0 < val["memory/train_peak_gib"] < val["memory/val_peak_gib"]
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("clip, fused", [(0.0, True), (1.0, False)])
+def test_fused_adam_on_gpu_and_plain_adam_where_lightning_refuses_it(tmp_path, clip, fused):
+    _, objects, log = run_short(
+        tmp_path, "hardware=gpu", "precision=16", f"+trainer.gradient_clip_val={clip}"
+    )
+    assert objects["module"].fast_path["fused_optimizer"] is fused
+    assert log["train/loss_step"].dropna().map(lambda v: v == v).all()  # finite, no NaN
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, mode", [("32", "ieee"), ("tf32", "tf32")])
+def test_tf32_switches_follow_the_precision_choice_on_gpu(tmp_path, precision, mode):
+    cfg = compose_config(
+        tmp_path,
+        [*tiny_synthetic_overrides(), "hardware=gpu", f"precision={precision}", "trainer.fast_dev_run=true"],
+    )
+    train(cfg)
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env["gpu"] and env["tf32_cudnn_conv"] == mode and env["tf32_matmul"] == mode
