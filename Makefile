@@ -4,8 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
+DATA_DIR ?= ../shared/data
+REPORT_DIR ?=
+DRY ?=
+WHEELS ?= wheels
 
-.PHONY: help setup train test test-all lint format bench-overhead
+.PHONY: help setup train test test-all lint format bench-overhead gpu-check gpu-wheels
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,3 +44,10 @@ format: setup ## apply ruff fixes and formatting
 
 bench-overhead: setup ## Lightning step vs the plain MONAI loop on CPU (ARGS="--data-dir ../shared/data")
 	$(BIN)/python -m lightning_seg.bench.overhead $(ARGS)
+
+gpu-check: ## fast-path report on this machine's GPU, in the current Python env (DRY=1: tiny, CPU, CI)
+	python -m lightning_seg.gpu_check --data-dir "$(DATA_DIR)" $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") $(if $(DRY),--dry)
+
+gpu-wheels: setup ## wheels a GPU machine without a registry lacks (MONAI, Hydra, nibabel) into $(WHEELS)/
+	$(BIN)/pip download --no-deps -d $(WHEELS) monai==$$($(BIN)/python -c "import monai; print(monai.__version__)") \
+		hydra-core omegaconf antlr4-python3-runtime==4.9.3 nibabel
