@@ -46,8 +46,9 @@ bench-overhead: setup ## Lightning step vs the plain MONAI loop on CPU (ARGS="--
 	$(BIN)/python -m lightning_seg.bench.overhead $(ARGS)
 
 gpu-check: ## fast-path report on this machine's GPU, in the current Python env (DRY=1: tiny, CPU, CI)
-	python -m lightning_seg.gpu_check --data-dir "$(DATA_DIR)" $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") $(if $(DRY),--dry)
+	$(PYTHON) -m lightning_seg.gpu_check --data-dir "$(DATA_DIR)" $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") $(if $(DRY),--dry)
 
-gpu-wheels: setup ## wheels a GPU machine without a registry lacks (MONAI, Hydra, nibabel) into $(WHEELS)/
-	$(BIN)/pip download --no-deps -d $(WHEELS) monai==$$($(BIN)/python -c "import monai; print(monai.__version__)") \
-		hydra-core omegaconf antlr4-python3-runtime==4.9.3 nibabel
+gpu-wheels: setup ## wheels of this venv's MONAI, Hydra, nibabel for a GPU machine without a registry, into $(WHEELS)/
+	$(BIN)/pip freeze | grep -iE '^(monai|hydra-core|omegaconf|antlr4-python3-runtime|nibabel|importlib.resources)==' \
+		> $(VENV)/gpu-wheels.txt
+	$(BIN)/pip wheel --no-deps -r $(VENV)/gpu-wheels.txt -w $(WHEELS)
