@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.msd import read_datalist, read_dataset_json
+from lightning_seg.entry import user_errors
+from lightning_seg.errors import ConfigError, MissingFileError
 from lightning_seg.inference import Predictor
 from lightning_seg.predict import list_images, predict_files
 from lightning_seg.scoring import score_files, summarize, summary_markdown
@@ -25,15 +27,15 @@ def split_cases(ckpt_path: str, data: str, split: str) -> list[dict[str, str]]:
         return cases
     split_file = Path(ckpt_path).resolve().parent.parent / "split.json"
     if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: missing, so split={split} is unknown; use split=all")
+        raise MissingFileError(f"{split_file}: missing, so split={split} is unknown; use split=all")
     names = {Path(c["image"]).name for c in json.loads(split_file.read_text()).get(split, [])}
     if not names:
-        raise ValueError(
+        raise ConfigError(
             f"{split_file}: no '{split}' cases (train with data.test_fraction > 0 for a test split)"
         )
     chosen = [c for c in cases if Path(c["image"]).name in names]
     if len(chosen) != len(names):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{data}: holds {len(chosen)} of the {len(names)} '{split}' cases of {split_file}"
         )
     return chosen
@@ -47,11 +49,16 @@ def labels_near(ref_dir: Path) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    with user_errors(cfg):  # a missing file or a bad option: one `error:` line, exit code 2
+        return evaluate(cfg)
+
+
+def evaluate(cfg: DictConfig) -> float:
     output = Path(cfg.output or (Path(cfg.pred) / "evaluation" if cfg.pred else "evaluation"))
     output.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path:
         if not cfg.task_dir:
-            raise ValueError("ckpt_path needs task_dir=TASK_DIR (the MSD folder to predict and score)")
+            raise ConfigError("ckpt_path needs task_dir=TASK_DIR (the MSD folder to predict and score)")
         predictor = Predictor(cfg.ckpt_path, **cfg.predict)
         labels = list(cfg.labels or predictor.labels)
         cases = split_cases(cfg.ckpt_path, cfg.task_dir, cfg.split)
@@ -69,14 +76,12 @@ def main(cfg: DictConfig) -> float:
         title = f"{predictor.task['name']}: {Path(cfg.ckpt_path).name} on {len(cases)} '{cfg.split}' cases"
     else:
         if not (cfg.pred and cfg.ref):
-            raise ValueError("give pred=DIR ref=DIR, or ckpt_path=CKPT task_dir=TASK_DIR")
+            raise ConfigError("give pred=DIR ref=DIR, or ckpt_path=CKPT task_dir=TASK_DIR")
         ref_dir = Path(cfg.ref)
         pairs = [(p, ref_dir / p.name) for p in list_images(cfg.pred)]
         missing = [str(r) for _, r in pairs if not r.is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"no reference for {len(missing)} prediction(s): {', '.join(missing[:5])}"
-            )
+            raise MissingFileError(f"no reference for {len(missing)} prediction(s): {', '.join(missing[:5])}")
         labels = list(cfg.labels or labels_near(ref_dir))
         title = f"{cfg.pred} against {cfg.ref}"
     per_case = score_files(pairs, labels)

@@ -13,7 +13,9 @@ from hydra.utils import instantiate
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
+from lightning_seg.checkpoint_format import load_checkpoint
 from lightning_seg.data.transforms import preprocessing
+from lightning_seg.errors import InputError
 from lightning_seg.precision import autocast
 
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
@@ -32,10 +34,10 @@ class Predictor:
         mirror: bool = False,
         stitch_on_cpu: bool | None = None,
     ) -> None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(ckpt_path)  # older formats migrated, a newer one refused by name
         config = checkpoint["hyper_parameters"].get("run_config")
         if not config:
-            raise ValueError(
+            raise InputError(
                 f"{ckpt_path}: no run_config in the checkpoint (not written by lightning_seg training)"
             )
         self.config, self.task = config, config["task"]
@@ -72,10 +74,10 @@ class Predictor:
         try:
             data = self.preprocess({"image": str(image_path)})
         except Exception as err:  # MONAI wraps reader errors in its own types
-            raise ValueError(f"{image_path}: cannot be read as an image ({err})") from err
+            raise InputError(f"{image_path}: cannot be read as an image ({err})") from err
         image = data["image"]
         if image.shape[0] != self.task["in_channels"]:
-            raise ValueError(
+            raise InputError(
                 f"{image_path}: {image.shape[0]} channel(s), the model was trained on "
                 f"{self.task['in_channels']}"
             )

@@ -6,6 +6,8 @@ as an integer, which it refuses as a group choice.
 
 import torch
 
+from lightning_seg.errors import ConfigError
+
 # choice -> (Trainer precision, TF32 for fp32 convolutions and matmuls)
 PRECISIONS = {
     "32": ("32-true", False),  # true fp32: PyTorch would otherwise run convolutions in TF32
@@ -19,7 +21,7 @@ def _lookup(choice) -> tuple[str, bool]:
     try:
         return PRECISIONS[str(choice)]
     except KeyError:
-        raise ValueError(f"precision={choice}: choose one of {', '.join(PRECISIONS)}") from None
+        raise ConfigError(f"precision={choice}: choose one of {', '.join(PRECISIONS)}") from None
 
 
 def trainer_precision(choice) -> str:

@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from lightning_seg.config import CONFIG_DIR
+from lightning_seg.entry import user_errors
+from lightning_seg.errors import MissingFileError
 from lightning_seg.inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     images = sorted(p for p in path.glob("*") if p.name.endswith(NIFTI_SUFFIXES))
     if not images:
-        raise FileNotFoundError(f"{path}: no .nii or .nii.gz images here")
+        raise MissingFileError(f"{path}: no .nii or .nii.gz images here")
     return images
 
 
@@ -58,6 +60,11 @@ def predict_files(
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
+    with user_errors(cfg):  # a missing file or a bad option: one `error:` line, exit code 2
+        predict(cfg)
+
+
+def predict(cfg: DictConfig) -> None:
     predictor = Predictor(
         cfg.ckpt_path,
         cfg.device,

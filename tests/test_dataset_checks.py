@@ -183,3 +183,63 @@ def test_missing_task_folder_says_where_and_how(tmp_path):
     message = str(err.value)
     assert str(tmp_path / "data" / "Task09_Spleen") in message
     assert "task.download=true" in message and "Task09_Spleen.tar" in message
+
+
+def test_dataset_and_config_errors_are_user_errors_and_still_value_errors():
+    from lightning_seg.errors import ConfigError, UserError
+
+    for cls in (DatasetError, ConfigError):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError)
+
+
+def test_non_integer_label_values(task_dir):
+    label = first_case(task_dir, "label")
+    img = nib.load(label)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[0, 0, 0] = 0.5  # what linear interpolation of a label map leaves
+    nib.save(nib.Nifti1Image(data, img.affine), label)
+    with pytest.raises(DatasetError, match=r"non-integer label values \[0.5\]") as err:
+        check(task_dir)
+    assert str(label) in str(err.value) and "outside" not in str(err.value)
+
+
+def write_zero_voxel_size(path, data):
+    """A NIfTI whose voxel size holds a zero and whose sform/qform codes are 0: no spacing at all.
+    (nibabel replaces the zero by 1 when it loads the header.)"""
+    img = nib.Nifti1Image(data, None)  # no affine: sform and qform codes stay 0
+    img.header.set_zooms((1.5, 1.5, 2.0))
+    img.header["pixdim"][1] = 0.0
+    nib.save(img, path)
+
+
+def test_zero_voxel_size_without_sform_or_qform(task_dir):
+    image = first_case(task_dir, "image")
+    write_zero_voxel_size(image, np.asarray(nib.load(image).dataobj))
+    with pytest.raises(DatasetError, match="singular affine") as err:
+        check(task_dir)
+    assert str(image) in str(err.value) and "pixdim" in str(err.value)
+
+
+def test_singular_sform(task_dir):
+    label = first_case(task_dir, "label")
+    img = nib.Nifti1Image(np.asarray(nib.load(label).dataobj), None)
+    sform = np.diag([1.5, 1.5, 2.0, 1.0])
+    sform[2, 2] = 0.0
+    img.header.set_sform(sform, code=1)
+    nib.save(img, label)
+    with pytest.raises(DatasetError, match="singular affine") as err:
+        check(task_dir)
+    assert str(label) in str(err.value)
+
+
+def test_missing_and_broken_files_are_reported_together_and_good_cases_remembered(task_dir, tmp_path):
+    entries = json.loads((task_dir / "dataset.json").read_text())["training"]
+    missing, broken = task_dir / entries[0]["label"], task_dir / entries[1]["image"]
+    missing.unlink()
+    broken.write_bytes(b"broken")
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="1 file.* do not exist, 1 broken case") as err:
+        check_dataset(task_dir, LABELS, CHANNELS, cache_dir=cache)
+    assert str(missing.resolve()) in str(err.value) and str(broken.resolve()) in str(err.value)
+    memo = json.loads(next((cache / "checked").glob("*.json")).read_text())
+    assert len(memo) == 4  # the four good cases are not read again on the rerun

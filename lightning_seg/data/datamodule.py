@@ -17,6 +17,7 @@ from lightning_seg.data.download import download_msd_task, msd_source
 from lightning_seg.data.msd import DatasetError, check_dataset, read_datalist
 from lightning_seg.data.synthetic import write_synthetic_msd
 from lightning_seg.data.transforms import train_transforms, val_transforms
+from lightning_seg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class MSDDataModule(LightningDataModule):
 
     `batch_size` counts patches per step: each loaded volume yields `samples_per_volume`
     random patches, so `batch_size / samples_per_volume` volumes are drawn per step.
+
+    `split` (train/val/test case lists, as `split.json` and checkpoints hold them) replaces the seeded
+    split: a resumed run trains on the cases it started with. Cases are matched by image file name.
 
     `cache="gpu"` keeps the preprocessed training volumes on this process's GPU and draws the
     patches there (MONAI's fast-training recipe); validation volumes stay in CPU memory.
@@ -52,17 +56,18 @@ class MSDDataModule(LightningDataModule):
         split_seed: int = 0,
         prep_workers: int = 2,
         crop_centres_per_class: int = 10000,
+        split: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
     ) -> None:
         super().__init__()
         if batch_size % samples_per_volume:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={batch_size} must be a multiple of "
                 f"data.samples_per_volume={samples_per_volume}"
             )
         if cache not in CACHES:
-            raise ValueError(f"data.cache must be one of {', '.join(CACHES)}, got '{cache}'")
+            raise ConfigError(f"data.cache must be one of {', '.join(CACHES)}, got '{cache}'")
         if loader not in LOADERS:
-            raise ValueError(f"data.loader must be one of {', '.join(LOADERS)}, got '{loader}'")
+            raise ConfigError(f"data.loader must be one of {', '.join(LOADERS)}, got '{loader}'")
         if cache == "gpu" and not torch.cuda.is_available():
             log.warning(
                 "data.cache=gpu needs a CUDA GPU and none is available: caching preprocessed volumes "
@@ -78,6 +83,7 @@ class MSDDataModule(LightningDataModule):
         self.num_workers, self.prep_workers = num_workers, prep_workers
         self.crop_centres_per_class = crop_centres_per_class
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.split = split
         self.train_cases: list[dict[str, str]] = []
         self.val_cases: list[dict[str, str]] = []
         self.test_cases: list[dict[str, str]] = []  # held out of training and validation
@@ -101,8 +107,9 @@ class MSDDataModule(LightningDataModule):
             download_msd_task(self.task_dir, task["msd_folder"], task.get("url"), task.get("md5"))
         else:
             url, _ = msd_source(task["msd_folder"], task.get("url"), task.get("md5"))
+            found = "no dataset.json in this folder" if self.task_dir.is_dir() else "no such folder"
             raise DatasetError(
-                f"{self.task_dir}: no MSD task folder here (expected dataset.json, imagesTr/, labelsTr/). "
+                f"{self.task_dir}: {found} (an MSD task folder holds dataset.json, imagesTr/, labelsTr/). "
                 f"Point paths.data_dir at the folder that holds {task['msd_folder']}/, "
                 f"or add task.download=true to fetch {url}."
             )
@@ -110,9 +117,13 @@ class MSDDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_cases, self.val_cases, self.test_cases = split_cases(
-            read_datalist(self.task_dir), self.val_fraction, self.test_fraction, self.split_seed
-        )
+        cases = read_datalist(self.task_dir)
+        if self.split is not None:
+            self.train_cases, self.val_cases, self.test_cases = given_split(cases, self.split, self.task_dir)
+        else:
+            self.train_cases, self.val_cases, self.test_cases = split_cases(
+                cases, self.val_fraction, self.test_fraction, self.split_seed
+            )
         # the datamodule is set up before the Trainer exists: the launcher's LOCAL_RANK names the GPU
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cache == "gpu" else None
         train_tf = train_transforms(
@@ -128,6 +139,10 @@ class MSDDataModule(LightningDataModule):
         # whole validation volumes on the GPU would compete with sliding-window stitching for memory
         val_cache = "memory" if self.cache == "gpu" else self.cache
         self.val_set = self._dataset(self.val_cases, val_transforms(self.task), val_cache, "val")
+
+    def state_dict(self) -> dict:
+        """The split goes into every checkpoint: a resume trains on the same cases."""
+        return {"split": {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}}
 
     def _dataset(self, cases, transform, cache: str, split: str) -> Dataset:
         if cache in ("memory", "gpu"):
@@ -185,8 +200,25 @@ def split_cases(cases: list, val_fraction: float, test_fraction: float, seed: in
     n_test = round(test_fraction * len(cases))
     n_val = max(1, round(val_fraction * len(cases)))
     if n_test + n_val >= len(cases):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
             f"training case of {len(cases)}"
         )
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
+
+
+def given_split(cases: list, split: Mapping, task_dir: Path) -> tuple[list, list, list]:
+    """(train, val, test) of `cases` (this folder's dataset.json) named by a saved split."""
+    by_name = {Path(c["image"]).name: c for c in cases}
+    parts, missing = [], []
+    for part in ("train", "val", "test"):
+        names = [Path(c["image"]).name for c in split.get(part, [])]
+        missing += [n for n in names if n not in by_name]
+        parts.append([by_name[n] for n in names if n in by_name])
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DatasetError(
+            f"{task_dir / 'dataset.json'}: lacks {len(missing)} case(s) of the run's saved split "
+            f"({shown}): resume with the data the run started on"
+        )
+    return parts[0], parts[1], parts[2]

@@ -13,13 +13,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
+
+from lightning_seg.errors import UserError
 
 # mm: headers written by different tools differ by rounding; a real mismatch is far larger
 AFFINE_RTOL, AFFINE_ATOL = 1e-3, 1e-2
+# voxel-to-world matrices this ill-conditioned map several voxels to one point (real anisotropy is < 100)
+MAX_AFFINE_CONDITION = 1e6
 
 
-class DatasetError(ValueError):
-    """A task folder that cannot be trained on; the message names the file and the problem."""
+class DatasetError(UserError, ValueError):
+    """A task folder that cannot be trained on; the message names the file and the problem.
+    A ValueError too, so callers that caught ValueError before still do."""
 
 
 def read_datalist(task_dir: str | os.PathLike) -> list[dict[str, str]]:
@@ -76,19 +82,23 @@ def check_dataset(
         )
     cases = read_datalist(task_dir)
     missing = [p for case in cases for p in case.values() if not Path(p).is_file()]
-    if missing:
-        raise DatasetError(_listing(f"{len(missing)} file(s) listed in {where} do not exist", missing))
+    complete = [case for case in cases if all(Path(p).is_file() for p in case.values())]
 
     memo_path = _memo_path(cache_dir, task_dir, len(labels), in_channels)
     memo = _read_memo(memo_path)
-    todo = [case for case in cases if memo.get(case["image"]) != _stamp(case)]
+    todo = [case for case in complete if memo.get(case["image"]) != _stamp(case)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        problems = [p for p in pool.map(lambda c: check_case(c, len(labels), in_channels), todo) if p]
-    if problems:
-        raise DatasetError(_listing(f"{len(problems)} broken case(s) in {task_dir}", problems))
-    if memo_path is not None and todo:
-        memo.update({case["image"]: _stamp(case) for case in todo})
+        results = list(pool.map(lambda c: check_case(c, len(labels), in_channels), todo))
+    passed = [case for case, problem in zip(todo, results, strict=True) if problem is None]
+    if memo_path is not None and passed:  # remembered even when other cases fail: a rerun reads only those
+        memo.update({case["image"]: _stamp(case) for case in passed})
         _write_memo(memo_path, memo)
+    problems = [problem for problem in results if problem]
+    if missing or problems:  # every problem at once: one fix-and-rerun round, not one per file
+        heads = [f"{len(missing)} file(s) listed in {where} do not exist"] if missing else []
+        heads += [f"{len(problems)} broken case(s) in {task_dir}"] if problems else []
+        lines = [f"{p}: missing" for p in missing] + problems
+        raise DatasetError(_listing(", ".join(heads), lines))
     return cases
 
 
@@ -99,12 +109,12 @@ def check_case(case: dict[str, str], num_labels: int, in_channels: int) -> str |
         image = nib.load(image_path)
         image_data = np.asanyarray(image.dataobj)
     except Exception as err:  # nibabel raises many types for truncated or foreign files
-        return f"{image_path}: cannot be read as NIfTI ({type(err).__name__}: {err})"
+        return _unreadable(image_path, err)
     try:
         label = nib.load(label_path)
         label_data = np.asanyarray(label.dataobj)
     except Exception as err:
-        return f"{label_path}: cannot be read as NIfTI ({type(err).__name__}: {err})"
+        return _unreadable(label_path, err)
 
     if label_data.ndim == 4 and label_data.shape[3] == 1:  # a trailing singleton axis, as some tools write
         label_data = label_data[..., 0]
@@ -115,16 +125,58 @@ def check_case(case: dict[str, str], num_labels: int, in_channels: int) -> str |
         return f"{label_path}: shape {label_data.shape}, a label map must be 3D"
     if image_data.shape[:3] != label_data.shape:
         return f"{label_path}: shape {label_data.shape} differs from its image's {image_data.shape[:3]}"
+    for path, img in ((image_path, image), (label_path, label)):
+        problem = singular_affine(path, img)
+        if problem:
+            return problem
     if not np.allclose(image.affine, label.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
         diff = float(np.abs(image.affine - label.affine).max())
         return f"{label_path}: affine differs from its image's (max difference {diff:.4g})"
     if image_data.dtype.kind == "f" and not np.isfinite(image_data).all():
         return f"{image_path}: contains NaN or infinite values"
     values = np.unique(label_data)
-    bad = values[(values != np.round(values)) | (values < 0) | (values >= num_labels)]
+    fractional = values[values != np.round(values)]  # NaN included
+    if fractional.size:
+        return (
+            f"{label_path}: non-integer label values {fractional[:5].tolist()}; a label map holds class "
+            f"indices 0..{num_labels - 1} (was it resampled with linear instead of nearest interpolation?)"
+        )
+    bad = values[(values < 0) | (values >= num_labels)]
     if bad.size:
         return f"{label_path}: label values {bad[:5].tolist()} outside the task's 0..{num_labels - 1}"
     return None
+
+
+def singular_affine(path: str, img: nib.spatialimages.SpatialImage) -> str | None:
+    """What is wrong with a header that gives no usable voxel-to-world mapping, or None.
+
+    nibabel replaces a zero voxel size by 1 mm on load: where the header has no sform/qform either,
+    the file on disk is read again unchecked, so an invented spacing is not resampled silently."""
+    matrix = np.asarray(img.affine, dtype=float)[:3, :3]
+    if not np.isfinite(matrix).all() or np.linalg.cond(matrix) > MAX_AFFINE_CONDITION:
+        return (
+            f"{path}: singular affine {np.round(matrix, 4).tolist()} (no voxel-to-world mapping); "
+            "fix the header's sform/qform with the tool that wrote the file"
+        )
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header) or header["sform_code"] or header["qform_code"]:
+        return None  # not NIfTI, or the affine comes from an sform/qform, checked above
+    try:
+        with ImageOpener(path) as fileobj:
+            zooms = type(header).from_fileobj(fileobj, check=False).get_zooms()[:3]
+    except Exception:  # unreadable headers were reported by nib.load already
+        return None
+    if any(not np.isfinite(z) or z == 0 for z in zooms):  # nibabel takes the absolute value of negative ones
+        return (
+            f"{path}: singular affine: voxel size {[float(z) for z in zooms]} and no sform/qform "
+            "(codes 0), so the spacing is unknown; set the voxel size (pixdim) or an sform in the header"
+        )
+    return None
+
+
+def _unreadable(path: str, err: Exception) -> str:
+    reason = " ".join(str(err).split())  # one line: nibabel's messages can hold line breaks
+    return f"{path}: cannot be read as NIfTI ({type(err).__name__}: {reason}); copy or export it again"
 
 
 def _listing(head: str, lines: list[str], limit: int = 20) -> str:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from monai.networks.nets import BasicUNet, DynUNet, UNet
 from torch import nn
 
+from lightning_seg.errors import ConfigError
+
 
 def pooling_strides(patch_size: Sequence[int], max_downsamplings: int, min_size: int = 4) -> list[tuple]:
     """Per-level strides (2 or 1 per dimension) that the patch allows."""
@@ -26,9 +28,12 @@ def pooling_strides(patch_size: Sequence[int], max_downsamplings: int, min_size:
 def basic_unet(in_channels: int, out_channels: int, patch_size: Sequence[int], width: int = 32) -> nn.Module:
     """Cicek et al. 2016 3D U-Net: two 3x3x3 convs per level, 4 fixed 2x down-samplings."""
     if any(n % 16 for n in patch_size):
-        raise ValueError(
-            f"basic_unet down-samples 4 times: every patch dimension must be a multiple of 16, "
-            f"got task.patch_size={list(patch_size)}"
+        given = ",".join(str(n) for n in patch_size)
+        fitting = ",".join(str(-(-n // 16) * 16) for n in patch_size)  # rounded up to multiples of 16
+        raise ConfigError(
+            f"task.patch_size=[{given}]: model=basic_unet down-samples 4 times, so every patch dimension "
+            f"must be a multiple of 16; pick such a patch (e.g. task.patch_size=[{fitting}]) "
+            "or model=monai_unet / model=dynunet, whose depth follows the patch"
         )
     features = (width, width, 2 * width, 4 * width, 8 * width, width)
     return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, features=features)
