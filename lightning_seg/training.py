@@ -2,39 +2,64 @@
 
 import json
 import logging
+import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lightning_seg.entry import user_message
 from lightning_seg.environment import environment_info
+from lightning_seg.loggers import ResumableCSVLogger
 from lightning_seg.precision import set_tf32, uses_tf32
+from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id, write_atomic
 
 log = logging.getLogger(__name__)
 
+# Lightning warnings a resume expects, filtered only around a resumed fit
+RESUME_WARNINGS = (
+    # in place: the run's own checkpoints are there
+    r"Checkpoint directory .* exists and is not empty",
+    # a last.ckpt from the middle of an epoch: the rest of that epoch draws its random patches from a
+    # fresh shuffle, which is what every epoch does anyway
+    r"You're resuming from a checkpoint that ended before the epoch ended",
+)
+
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit the configured module on the configured task; return final metrics and the objects."""
-    seed_everything(cfg.seed, workers=True)
-    set_tf32(uses_tf32(cfg.precision))
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    """Fit the configured module on the configured task; return final metrics and the objects.
 
-    datamodule = instantiate(cfg.data)
+    `ckpt_path=last` continues the run in `paths.output_dir` (see lightning_seg.resume); a checkpoint
+    from another dir starts a new run from it. A run stopped by SIGTERM exits with status 143 after
+    writing `last.ckpt`."""
+    output_dir = Path(cfg.paths.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resume = find_checkpoint(cfg.ckpt_path, output_dir)
+    in_place = resume is not None and resume.in_place
+    # before anything is written: a resume whose config no longer fits the run stops here
+    saved_split = prepare_in_place(resume, resolved, output_dir) if in_place else None
+    # a resumed run draws new random patches instead of replaying those the run started with
+    seed_everything(cfg.seed + (resume.global_step if resume else 0), workers=True)
+    set_tf32(uses_tf32(cfg.precision))
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # the network first: a patch it cannot take fails in seconds, not after the dataset check
+    module = instantiate(cfg.module)
+    datamodule = instantiate(cfg.data, **({"split": saved_split} if saved_split is not None else {}))
     datamodule.prepare_data()  # every case checked: a broken dataset fails here, before anything is written
     datamodule.setup("fit")
     split = {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
-    (output_dir / "split.json").write_text(json.dumps(split, indent=1))
-    module = instantiate(cfg.module)
+    write_atomic(output_dir / "split.json", json.dumps(split, indent=1))
     # set afterwards: passed to instantiate, its _target_ entries would be instantiated too
     module.hparams["run_config"] = resolved
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c]
+    loggers = [_logger(c, output_dir, resume) for c in cfg.logger.values() if c]
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
@@ -47,9 +72,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             logger.experiment.define_metric("time/train_s")
             logger.experiment.define_metric("val/*", step_metric="time/train_s")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    except Exception:
-        log.exception("training failed; run dir: %s", output_dir)
+        with warnings.catch_warnings():
+            if resume is not None:
+                for message in RESUME_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
+    except SIGTERMException as stop:  # Lightning stops the loop on SIGTERM with SystemExit(None): status 0
+        log.warning(
+            "stopped by SIGTERM at step %d; continue with: python train.py <same overrides> "
+            "hydra.run.dir=%s ckpt_path=last",
+            trainer.global_step,
+            output_dir,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from stop
+    except Exception as err:
+        if user_message(err, cfg) is None:  # a bug: its traceback belongs in the log
+            log.exception("training failed; run dir: %s", output_dir)
+        else:  # the entry point prints the message alone
+            log.error("training stopped; run dir: %s", output_dir)
         raise
     finally:
         # what compile and the fused optimizer became on this machine is known once fit has started
@@ -67,3 +107,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("best val/dice %.4f: %s", metrics["best/val_dice"], checkpoint.best_model_path)
     (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _logger(config: DictConfig, output_dir: Path, resume: Resume | None):
+    """One configured logger; a resume in place continues the run's metrics.csv and W&B run."""
+    in_place = resume is not None and resume.in_place
+    target = get_class(config._target_)
+    if issubclass(target, WandbLogger):
+        run_id = config.get("id") or wandb_run_id(output_dir, in_place)
+        return instantiate(config, id=run_id, resume="allow")
+    logger = instantiate(config)
+    if in_place and isinstance(logger, ResumableCSVLogger):
+        logger.continue_before(resume.global_step)
+    return logger

@@ -67,6 +67,10 @@ def test_multirun_sweep_and_report(tmp_path):
         "seed=0,1",
         "trainer.max_epochs=2",
         "logger.wandb.offline=true",
+        # bf16 autocast of this tiny network on a CPU often diverges to NaN at the first step (CPU
+        # autocast runs instance norm in bf16; an open finding). The sweep and its report are under
+        # test here, the guard that would stop those runs in test_amp_guard.py
+        "callbacks.amp_guard=null",
         *overrides,
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.cache_dir={tmp_path / 'cache'}",

@@ -1,7 +1,6 @@
 """Time-to-accuracy: when did validation Dice first reach each target?"""
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_seg.callbacks.training_clock import TrainingClock
+from lightning_seg.checkpoint_io import tmp_path
 
 
 class TimeToAccuracy(Callback):
@@ -58,7 +58,7 @@ class TimeToAccuracy(Callback):
 
     def _write(self, trainer: Trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = tmp_path(self.path)  # a hidden name a resume in place clears if a kill leaves it
         tmp.write_text(json.dumps(self.summary(), indent=2))
         tmp.replace(self.path)  # atomic: a crash never leaves half a file
         for logger in trainer.loggers:

@@ -43,7 +43,7 @@ class TrainingClock(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self._fit_start is None:
             return
-        self.wall_s = self._wall_at_fit_start + time.perf_counter() - self._fit_start
+        self.wall_s = self.wall_seconds()
         pl_module.log("time/train_s", self.train_seconds())
         pl_module.log("time/wall_s", self.wall_s)
 
@@ -55,8 +55,14 @@ class TrainingClock(Callback):
         running = time.perf_counter() - self._segment_start if self._segment_start is not None else 0.0
         return self.train_s + running
 
+    def wall_seconds(self) -> float:
+        if self._fit_start is None:
+            return self.wall_s
+        return self._wall_at_fit_start + time.perf_counter() - self._fit_start
+
     def state_dict(self) -> dict[str, Any]:
-        return {"train_s": self.train_seconds(), "wall_s": self.wall_s}
+        # both clocks as of the save: a checkpoint between validations resumes them there
+        return {"train_s": self.train_seconds(), "wall_s": self.wall_seconds()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_s, self.wall_s = state_dict["train_s"], state_dict["wall_s"]

@@ -11,6 +11,8 @@ from pytorch_lightning import LightningModule
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
+from lightning_seg.callbacks.amp_guard import grad_scaler, loss_scale
+from lightning_seg.checkpoint_format import stamp, upgrade
 from lightning_seg.model.compile import compile_unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,10 @@ class SegmentationModule(LightningModule):
     """Train on random patches, validate on whole volumes.
 
     Logs `train/loss`, `val/dice` (mean over foreground labels, cases averaged per label)
-    and `val/dice_<label>`.
+    and `val/dice_<label>`. The scheduler steps per `scheduler_interval` ("epoch" or "step"); under fp16
+    AMP a step whose update the grad scaler skipped does not advance a step-interval scheduler.
+    Checkpoints carry their format version (`lightning_seg.checkpoint_format`); a resume migrates
+    older ones and refuses newer ones.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class SegmentationModule(LightningModule):
         compile_backend: str = "inductor",
         channels_last_3d: bool = False,
         fused_adam: bool = True,
+        scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
         # plain data only, so checkpoints load with torch.load(weights_only=True); run_config (the
@@ -52,6 +58,8 @@ class SegmentationModule(LightningModule):
         self.memory_format = torch.channels_last_3d if channels_last_3d else torch.contiguous_format
         # what the fast-path switches became on this machine (environment.json records it)
         self.fast_path: dict[str, Any] = {"compiled": False, "channels_last_3d": channels_last_3d}
+        # under fp16 AMP: whether the grad scaler skipped the last optimizer step (a device bool tensor)
+        self.amp_step_skipped: torch.Tensor | bool | None = None
 
     def configure_model(self) -> None:
         """Memory layout and torch.compile, applied once before the first step (Lightning calls this
@@ -113,8 +121,41 @@ class SegmentationModule(LightningModule):
             return {"optimizer": optimizer}
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"},
+            "lr_scheduler": {
+                "scheduler": self.scheduler_factory(optimizer=optimizer),
+                "interval": self.hparams.scheduler_interval,
+            },
         }
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step; under fp16 AMP it also records whether the grad scaler skipped the update."""
+        scaler = grad_scaler(self._trainer)
+        before = loss_scale(scaler) if scaler is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if scaler is not None:
+            # GradScaler.update() lowers the scale exactly when it found inf/NaN gradients and skipped
+            # optimizer.step(); compared on the device, so no host sync here
+            self.amp_step_skipped = loss_scale(scaler) < before
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # Lightning steps a step-interval scheduler after every batch, also one whose update the grad
+        # scaler skipped: the schedule would run ahead of the weights (Lightning #5558, #18828)
+        if self.amp_step_skipped is not None and self._interval(scheduler) == "step":
+            if bool(self.amp_step_skipped):  # one host sync, only with a step-interval scheduler
+                return
+        super().lr_scheduler_step(scheduler, metric)
+
+    def _interval(self, scheduler) -> str | None:
+        configs = self.trainer.lr_scheduler_configs
+        return next((c.interval for c in configs if c.scheduler is scheduler), None)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        stamp(checkpoint)  # the layout version, so later code can migrate or refuse it
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # resume (and load_from_checkpoint): runs before the state dict is loaded, so a migration applies
+        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
+        upgrade(checkpoint, source)
 
     def _fused_kwargs(self) -> dict:
         """`fused=True` where it is asked for, the device is a GPU and the optimizer has the option."""

@@ -1,0 +1,189 @@
+"""Checkpoints a killed run resumes from: last.ckpt at every validation and every few minutes."""
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (best by the monitored metric, `last.ckpt`) made safe to be killed:
+
+    - `last.ckpt` is written at every validation, improved or not (Lightning 2.6 rewrites it only when
+      a top-k checkpoint is saved), and during training whenever `every_min` minutes have passed since
+      it was last written (never on an epoch's last batch: validation or the epoch end follows);
+    - on SIGTERM (Lightning stops the loop and raises `SIGTERMException`) `last.ckpt` is written
+      before the process ends, unless it already holds the current step; during a validation the
+      earlier `last.ckpt` stays (Lightning resumes a mid-validation checkpoint by skipping it);
+    - the loggers are flushed before each checkpoint, so every row logged before it is on disk;
+    - a replaced best checkpoint is deleted only once `last.ckpt` (which records the new best) is
+      written; after a resume in the same folder, checkpoint files its state does not know (written
+      by steps the kill threw away) are deleted.
+
+    The time-based save writes `last.ckpt` alone (Lightning's `train_time_interval` would also rank
+    the stale validation metric into the top k). Files are made atomic by the trainer's
+    CheckpointIO plugin (`lightning_seg.checkpoint_io.AtomicCheckpointIO`).
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Lightning keys a callback's saved state by its class name: keep ModelCheckpoint's key, so
+        # best score and paths load from checkpoints written before this subclass existed
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def __init__(self, *args: Any, every_min: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if every_min is not None and every_min <= 0:
+            raise ValueError(f"checkpoint_every_min must be positive or null, got {every_min}")
+        if self.save_last == "link":
+            raise ValueError(
+                "save_last='link' would point last.ckpt at an older checkpoint: use save_last=true"
+            )
+        self.every_s = None if every_min is None else float(every_min) * 60.0
+        self._last_written_at = time.monotonic()
+        self._last_written_step: int | None = None
+        self._last_writes = 0
+        self._deferred_removals: list[str] = []
+        self._resumed_in_place = False
+
+    # -- when last.ckpt is written -------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_written_at = time.monotonic()
+        if self._resumed_in_place and trainer.is_global_zero:
+            self._remove_unknown_checkpoints(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.save_last or not self._may_save(trainer):
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # validation or the epoch end comes next; a SIGTERM is handled in on_exception
+        due = trainer.received_sigterm or (
+            self.every_s is not None and time.monotonic() - self._last_written_at >= self.every_s
+        )
+        if trainer.world_size > 1:  # one decision for all processes: saving is collective
+            due = trainer.strategy.broadcast(due)
+        if due and self._last_written_step != trainer.global_step:
+            top_k_step = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            # last.ckpt alone: a validation at this step must still rank its metric into the top k
+            self._last_global_step_saved = top_k_step
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writes = self._last_writes
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer) and self._last_writes == writes:
+            self._save_last_after_validation(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writes = self._last_writes
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer) and self._last_writes == writes:
+            self._save_last_after_validation(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if (
+            isinstance(exception, SIGTERMException)
+            and self.save_last
+            and self._may_save(trainer)
+            and self._last_written_step != trainer.global_step
+            and trainer.global_step > 0
+        ):
+            if trainer.validating:
+                # Lightning resumes a checkpoint taken mid-validation by skipping that validation
+                log.warning(
+                    "SIGTERM during validation: last.ckpt stays at step %s, written %.0f s before",
+                    self._last_written_step,
+                    time.monotonic() - self._last_written_at,
+                )
+            else:
+                log.info("SIGTERM: writing last.ckpt at step %d before stopping", trainer.global_step)
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._remove_deferred(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._remove_deferred(trainer)
+
+    def _save_last_after_validation(self, trainer: Trainer) -> None:
+        if self.save_last and self._may_save(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @staticmethod
+    def _may_save(trainer: Trainer) -> bool:
+        return (
+            not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        )
+
+    # -- what a save does ----------------------------------------------------------------------
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # every row logged so far is on disk before the checkpoint
+                logger.save()
+        super()._save_checkpoint(trainer, filepath)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_at = time.monotonic()
+            self._last_written_step = trainer.global_step
+            self._last_writes += 1
+            self._remove_deferred(trainer)
+
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # a replaced best stays until last.ckpt, which names its successor, is written: a kill in
+        # between leaves an extra file (removed on resume), never a state pointing at a deleted one
+        if self.save_last:
+            self._deferred_removals.append(filepath)
+        else:
+            super()._remove_checkpoint(trainer, filepath)
+
+    def _remove_deferred(self, trainer: Trainer) -> None:
+        removals, self._deferred_removals = self._deferred_removals, []
+        for filepath in removals:
+            if filepath not in self.best_k_models and filepath != self.last_model_path:
+                super()._remove_checkpoint(trainer, filepath)
+
+    # -- resume --------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir = state_dict.get("dirpath")
+        self._resumed_in_place = bool(saved_dir and self.dirpath and _same_path(saved_dir, self.dirpath))
+        if not self._resumed_in_place:
+            # a new run from another run's checkpoint ranks its own checkpoints, in its own folder
+            log.info(
+                "checkpoint from %s: best checkpoint tracking starts anew in %s", saved_dir, self.dirpath
+            )
+            return
+        # the same folder spelled differently (relative, through a symlink) is the same folder
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
+    def _remove_unknown_checkpoints(self, trainer: Trainer) -> None:
+        """After a resume in place: delete the checkpoints the restored state does not know, written
+        after the checkpoint this run resumed from (a best replaced, a kill before last.ckpt followed)."""
+        known = {
+            os.path.realpath(p)
+            for p in [*self.best_k_models, self.best_model_path, self.last_model_path, trainer.ckpt_path]
+            if p
+        }
+        for path in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}"):
+            if path.name.startswith(self.CHECKPOINT_NAME_LAST) or os.path.realpath(path) in known:
+                continue
+            log.info("removing %s: written after the checkpoint this run resumes from", path)
+            path.unlink(missing_ok=True)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -1,0 +1,170 @@
+"""Resume in place: which checkpoint, whether the config still fits it, the split and W&B id it had.
+
+`ckpt_path=last` with the run's own dir (`hydra.run.dir=DIR`) continues that run in DIR; a checkpoint
+path outside the run dir starts a fork (a new run dir from those weights; the old dir is untouched).
+"""
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+from lightning_seg.checkpoint_format import upgrade
+from lightning_seg.checkpoint_io import remove_stale_tmp, tmp_path
+from lightning_seg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# what a resumed run may not change: the cases it trains and validates on, and the network's shape
+FIXED_KEYS = (
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.split_seed",
+    "task.msd_folder",
+    "task.patch_size",
+    "task.labels",
+    "model",
+)
+_MISSING = "<unset>"
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run starts from and what it brings."""
+
+    path: Path
+    in_place: bool  # the checkpoint belongs to this run dir: continue it; otherwise a fork
+    global_step: int
+    run_config: dict[str, Any] = field(default_factory=dict)
+    split: dict[str, list] | None = None
+
+
+def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
+    """The checkpoint `ckpt_path` names for a run in `run_dir`, loaded (tensors memory-mapped).
+
+    `last`: the newest of `run_dir/checkpoints/last.ckpt` and the `hpc_ckpt_*.ckpt` Lightning writes
+    into `run_dir` on SLURM's requeue signal. `None` in a SLURM job whose `run_dir` holds either: the
+    requeued job continues its run (Lightning itself would load the hpc checkpoint). A path: that file.
+    A run that does not continue `run_dir` may not start where a run already is."""
+    if ckpt_path is None:
+        path = _newest_in(run_dir) if SLURMEnvironment.detect() else None
+        if path is None:
+            _refuse_existing_run(run_dir)
+            return None
+        log.info("SLURM job restarted: continuing %s from %s", run_dir, path)
+    elif str(ckpt_path) == "last":
+        path = _newest_in(run_dir)
+        if path is None:
+            raise UserError(
+                f"ckpt_path=last: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist. "
+                f"Resume in place needs the run's own dir (hydra.run.dir={run_dir} is it?); "
+                f"ckpt_path=<file> starts a new run from any checkpoint."
+            )
+    else:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    # migrated before its run_config and split are read; a too-new one stops here, before any write
+    checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+    in_place = Path(os.path.realpath(run_dir)) in Path(os.path.realpath(path)).parents
+    if not in_place:
+        _refuse_existing_run(run_dir)
+    return Resume(
+        path=path,
+        in_place=in_place,
+        global_step=int(checkpoint.get("global_step", 0)),
+        run_config=checkpoint.get("hyper_parameters", {}).get("run_config") or {},
+        split=(checkpoint.get("MSDDataModule") or {}).get("split"),
+    )
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        raise UserError(
+            f"{run_dir} holds a run already ({last}): add ckpt_path=last to continue it, "
+            f"or give this run another hydra.run.dir"
+        )
+
+
+def _newest_in(run_dir: Path) -> Path | None:
+    candidates = [
+        p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()
+    ]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The FIXED_KEYS (leaves, as dotted names) whose values differ: `key: old -> new`."""
+    old, new = _leaves(previous), _leaves(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_KEYS):
+            before, after = old.get(key, _MISSING), new.get(key, _MISSING)
+            if before != after:
+                changes.append(f"{key}: {before} -> {after}")
+    return changes
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def prepare_in_place(resume: Resume, config: dict[str, Any], run_dir: Path) -> dict[str, list] | None:
+    """Check that `config` (resolved) may continue the run, tidy what a kill left; return the split.
+
+    The previous config comes from the checkpoint: Hydra has already replaced `.hydra/config.yaml`
+    with this launch's config when training code runs."""
+    changes = changed_keys(resume.run_config, config) if resume.run_config else []
+    if changes:
+        raise UserError(
+            f"cannot resume {run_dir} in place: the config changes what the run was started with "
+            f"(the data split or the network):\n  " + "\n  ".join(changes) + "\n"
+            "Drop those overrides to continue it, or start a new run from its weights: "
+            f"ckpt_path={resume.path} with a new hydra.run.dir."
+        )
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "csv"):
+        remove_stale_tmp(folder)
+    if resume.split is not None:
+        return resume.split
+    split_file = run_dir / "split.json"
+    if split_file.is_file():
+        return json.loads(split_file.read_text())
+    log.warning(
+        "%s holds no split and %s is missing: the split is recomputed from the config",
+        resume.path,
+        split_file,
+    )
+    return None
+
+
+def wandb_run_id(run_dir: Path, in_place: bool) -> str:
+    """The W&B run id of the run in `run_dir`: the stored one when resuming in place, else a new one
+    (stored, so a later resume continues the same W&B run)."""
+    id_file = run_dir / "wandb" / "run_id"
+    if in_place and id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    if rank_zero_only.rank == 0:  # other DDP processes log nothing to W&B and must not replace the id
+        write_atomic(id_file, run_id + "\n")
+    return run_id
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path.write_text(text)`, but a kill leaves the old content or the new, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
