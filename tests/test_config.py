@@ -25,7 +25,7 @@ def test_all_ten_msd_tasks_and_the_synthetic_one_are_there():
     assert len(MODELS) == 3
 
 
-@pytest.mark.parametrize("task,precision,model", itertools.product(TASKS, PRECISIONS, MODELS))
+@pytest.mark.parametrize("task,precision,model", list(itertools.product(TASKS, PRECISIONS, MODELS)))
 def test_composes(tmp_path, task, precision, model):
     cfg = compose_config(tmp_path, [f"task={task}", f"precision={precision}", f"model={model}"])
     assert cfg.trainer.precision == PRECISIONS[precision][0]
