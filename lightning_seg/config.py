@@ -7,7 +7,15 @@ from omegaconf import OmegaConf
 
 from lightning_seg.precision import trainer_precision
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def config_dir() -> Path:
+    """conf/ inside an installed wheel (setup.py maps it there), else the checkout's top-level conf/."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "conf"
+
+
+CONFIG_DIR = config_dir()
 
 
 def repo_root() -> str:

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Trainer, seed_everything
@@ -14,7 +15,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lightning_seg.entry import user_message
+from lightning_seg.config import CONFIG_DIR
+from lightning_seg.distributed import prepare_once_per_node
+from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info
 from lightning_seg.loggers import ResumableCSVLogger
 from lightning_seg.precision import set_tf32, uses_tf32
@@ -30,6 +33,14 @@ RESUME_WARNINGS = (
     # fresh shuffle, which is what every epoch does anyway
     r"You're resuming from a checkpoint that ended before the epoch ended",
 )
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """`python train.py ...` in a checkout, `lightning-seg-train ...` anywhere."""
+    with user_errors(cfg):  # a broken dataset, config or path: one `error:` line, exit code 2
+        metrics, _ = train(cfg)
+    return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -52,19 +63,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # the network first: a patch it cannot take fails in seconds, not after the dataset check
     module = instantiate(cfg.module)
     datamodule = instantiate(cfg.data, **({"split": saved_split} if saved_split is not None else {}))
-    datamodule.prepare_data()  # every case checked: a broken dataset fails here, before anything is written
-    datamodule.setup("fit")
-    split = {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
-    write_atomic(output_dir / "split.json", json.dumps(split, indent=1))
+    # every case checked, once per node: a broken dataset fails here, before anything is written
+    prepare_once_per_node(datamodule.prepare_data, output_dir)
+    datamodule.assign_split()  # the datasets are built in each process by Lightning's setup hook
     # set afterwards: passed to instantiate, its _target_ entries would be instantiated too
     module.hparams["run_config"] = resolved
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [_logger(c, output_dir, resume) for c in cfg.logger.values() if c]
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
+    datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
+    env["batch"] = batch_sizes(cfg.data.batch_size, trainer)
     log.info("environment: %s", env)
-    (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    log.info(
+        "batch: %(per_device)d patches per process x %(processes)d processes x %(accumulate)d accumulated "
+        "= %(global)d patches per optimizer step",
+        env["batch"],
+    )
+    if trainer.is_global_zero:  # one run dir: the other processes of a DDP run write nothing here
+        split = {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
+        write_atomic(output_dir / "split.json", json.dumps(split, indent=1))
+        (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
     for logger in loggers:
         logger.log_hyperparams({**resolved, "env": env})
         if isinstance(logger, WandbLogger):
@@ -94,7 +114,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         # what compile and the fused optimizer became on this machine is known once fit has started
         env["fast_path"] = module.fast_path
-        (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
+        if trainer.is_global_zero:
+            (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
@@ -105,8 +126,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics["best/val_dice"] = float(checkpoint.best_model_score)
         log.info("best val/dice %.4f: %s", metrics["best/val_dice"], checkpoint.best_model_path)
-    (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if trainer.is_global_zero:
+        (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def batch_sizes(per_device: int, trainer: Trainer) -> dict[str, int]:
+    """`data.batch_size` counts patches per process and step; what an optimizer step sees in all."""
+    accumulate = trainer.accumulate_grad_batches
+    return {
+        "per_device": per_device,
+        "processes": trainer.world_size,
+        "accumulate": accumulate,
+        "global": per_device * trainer.world_size * accumulate,
+    }
 
 
 def _logger(config: DictConfig, output_dir: Path, resume: Resume | None):
@@ -120,3 +153,7 @@ def _logger(config: DictConfig, output_dir: Path, resume: Resume | None):
     if in_place and isinstance(logger, ResumableCSVLogger):
         logger.continue_before(resume.global_step)
     return logger
+
+
+if __name__ == "__main__":
+    main()

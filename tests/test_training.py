@@ -103,7 +103,8 @@ def test_wandb_offline_run_is_written(tmp_path):
 
 
 def test_ddp_on_two_cpu_processes_trains_validates_and_checkpoints(tmp_path):
-    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), "hardware=ddp_cpu", "trainer.max_epochs=1"])
+    overrides = ["hardware=ddp_cpu", "trainer.max_epochs=1", "task.synthetic.num_cases=10"]  # 2 val cases
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), *overrides])
     train(cfg)
     run = tmp_path / "run"
     assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1

@@ -9,6 +9,9 @@ from lightning_seg.memory import peak_memory_gib
 
 log = logging.getLogger(__name__)
 
+# under DDP: the fullest process's peak, the one that runs out of memory first
+MAX_OVER_PROCESSES = {"sync_dist": True, "reduce_fx": "max"}
+
 
 class PeakMemory(Callback):
     """On a GPU: `memory/train_peak_gib`, the peak allocated by the training steps since the previous
@@ -37,11 +40,11 @@ class PeakMemory(Callback):
         if trainer.sanity_checking:
             return
         if pl_module.device.type != "cuda":
-            pl_module.log("memory/peak_gib", peak_memory_gib(pl_module.device))
+            pl_module.log("memory/peak_gib", peak_memory_gib(pl_module.device), **MAX_OVER_PROCESSES)
             return
-        pl_module.log("memory/val_peak_gib", peak_memory_gib(pl_module.device))
+        pl_module.log("memory/val_peak_gib", peak_memory_gib(pl_module.device), **MAX_OVER_PROCESSES)
         if self._train_peak is not None:
-            pl_module.log("memory/train_peak_gib", self._train_peak)
+            pl_module.log("memory/train_peak_gib", self._train_peak, **MAX_OVER_PROCESSES)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda" and not trainer.sanity_checking:

@@ -55,13 +55,14 @@ class Throughput(Callback):
         if trainer.sanity_checking or clock is None or clock.train_seconds() <= 0:
             return
         train_s = clock.train_seconds()
-        pl_module.log("perf/samples_per_s", self.samples / train_s)
+        # under DDP: samples of all processes; times averaged over the processes
+        pl_module.log("perf/samples_per_s", self.samples / train_s, sync_dist=True)
         if "compile_s" in getattr(pl_module, "fast_path", {}):
-            pl_module.log("time/compile_s", pl_module.fast_path["compile_s"])
+            pl_module.log("time/compile_s", pl_module.fast_path["compile_s"], sync_dist=True)
         if isinstance(trainer.profiler, DataWaitProfiler):
             wait = self._data_wait_s(trainer)
-            pl_module.log("time/data_wait_s", wait)
-            pl_module.log("perf/data_wait_frac", wait / train_s)
+            pl_module.log("time/data_wait_s", wait, sync_dist=True)
+            pl_module.log("perf/data_wait_frac", wait / train_s, sync_dist=True)
 
     def _data_wait_s(self, trainer: Trainer) -> float:
         profiler = trainer.profiler if isinstance(trainer.profiler, DataWaitProfiler) else None

@@ -44,8 +44,9 @@ class TrainingClock(Callback):
         if trainer.sanity_checking or self._fit_start is None:
             return
         self.wall_s = self.wall_seconds()
-        pl_module.log("time/train_s", self.train_seconds())
-        pl_module.log("time/wall_s", self.wall_s)
+        # under DDP: the mean of the processes' clocks, which differ by the last step's sync at most
+        pl_module.log("time/train_s", self.train_seconds(), sync_dist=True)
+        pl_module.log("time/wall_s", self.wall_s, sync_dist=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.train_s = self.train_seconds()

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
+from monai.data import (
+    CacheDataset,
+    DataLoader,
+    Dataset,
+    PersistentDataset,
+    ThreadDataLoader,
+    partition_dataset,
+)
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import LightningDataModule
+from torch.utils.data import DistributedSampler
 
 from lightning_seg.data.download import download_msd_task, msd_source
 from lightning_seg.data.msd import DatasetError, check_dataset, read_datalist
@@ -36,6 +44,13 @@ class MSDDataModule(LightningDataModule):
 
     `cache="gpu"` keeps the preprocessed training volumes on this process's GPU and draws the
     patches there (MONAI's fast-training recipe); validation volumes stay in CPU memory.
+
+    Under DDP (the Trainer's `use_distributed_sampler=False`: this class places the cases) each
+    process validates its own validation cases, every case exactly once, none repeated to even out
+    the ranks, so `val/dice` equals a single-process validation. Training cases are shuffled across
+    processes every epoch (each process caches all of them), or with `cache_shard_per_rank` each
+    process caches and trains on a fixed 1/N of them (N times less memory; the shards are seeded and
+    evened out by repeating a few cases).
     """
 
     def __init__(
@@ -56,6 +71,7 @@ class MSDDataModule(LightningDataModule):
         split_seed: int = 0,
         prep_workers: int = 2,
         crop_centres_per_class: int = 10000,
+        cache_shard_per_rank: bool = False,
         split: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
     ) -> None:
         super().__init__()
@@ -82,20 +98,29 @@ class MSDDataModule(LightningDataModule):
         self.cache, self.loader = cache, loader
         self.num_workers, self.prep_workers = num_workers, prep_workers
         self.crop_centres_per_class = crop_centres_per_class
+        self.cache_shard_per_rank = cache_shard_per_rank
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.split = split
         self.train_cases: list[dict[str, str]] = []
         self.val_cases: list[dict[str, str]] = []
         self.test_cases: list[dict[str, str]] = []  # held out of training and validation
         self.train_set = self.val_set = None
+        self.prepared = False
 
     def prepare_data(self) -> None:
-        """Make sure the task folder exists (write or download it) and check every case."""
+        """Make sure the task folder exists (write or download it) and check every case.
+
+        Once: training prepares before the Trainer starts its processes, and Lightning's call of
+        this hook in them (a copy of this object) then does nothing."""
+        if self.prepared:
+            return
         if not (self.task_dir / "dataset.json").is_file():
             self._create_task_folder()
-        check_dataset(
+        cases = check_dataset(
             self.task_dir, self.task["labels"], self.task["in_channels"], self.cache_dir, self.prep_workers
         )
+        log.info("dataset check: the %d cases of %s are fine", len(cases), self.task_dir)
+        self.prepared = True
 
     def _create_task_folder(self) -> None:
         task = self.task
@@ -114,8 +139,9 @@ class MSDDataModule(LightningDataModule):
                 f"or add task.download=true to fetch {url}."
             )
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+    def assign_split(self) -> None:
+        """Train, validation and test cases (the saved split or a seeded one); no data is loaded."""
+        if self.train_cases:
             return
         cases = read_datalist(self.task_dir)
         if self.split is not None:
@@ -124,8 +150,42 @@ class MSDDataModule(LightningDataModule):
             self.train_cases, self.val_cases, self.test_cases = split_cases(
                 cases, self.val_fraction, self.test_fraction, self.split_seed
             )
-        # the datamodule is set up before the Trainer exists: the launcher's LOCAL_RANK names the GPU
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if self.cache == "gpu" else None
+
+    def check_processes(self, world_size: int) -> None:
+        """Every process validates at least one case (a process without any would leave the others
+        waiting for it at the end of validation)."""
+        self.assign_split()
+        if len(self.val_cases) < world_size:
+            raise ConfigError(
+                f"{len(self.val_cases)} validation case(s) for {world_size} processes: each process "
+                "validates at least one; raise data.val_fraction or use fewer devices"
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        """This process's datasets: Lightning calls it in every process once they exist."""
+        self.assign_split()
+        rank, world = self._rank_and_world()
+        if self.val_set is None:
+            self.check_processes(world)
+            # whole validation volumes on the GPU would compete with sliding-window stitching for memory
+            val_cache = "memory" if self.cache == "gpu" else self.cache
+            self.val_set = self._dataset(
+                self.val_cases[rank::world], val_transforms(self.task), val_cache, "val"
+            )
+        if self.train_set is not None or stage not in (None, "fit"):
+            return
+        train_cases = self.train_cases
+        if world > 1 and self.cache_shard_per_rank:
+            train_cases = partition_dataset(
+                train_cases, num_partitions=world, shuffle=True, seed=self.split_seed, even_divisible=True
+            )[rank]
+            log.info(
+                "rank %d caches and trains on %d of %d training cases",
+                rank,
+                len(train_cases),
+                len(self.train_cases),
+            )
+        device = self._device() if self.cache == "gpu" else None
         train_tf = train_transforms(
             self.task,
             self.samples_per_volume,
@@ -135,10 +195,16 @@ class MSDDataModule(LightningDataModule):
             self.crop_centres_per_class,
             device,
         )
-        self.train_set = self._dataset(self.train_cases, train_tf, self.cache, "train")
-        # whole validation volumes on the GPU would compete with sliding-window stitching for memory
-        val_cache = "memory" if self.cache == "gpu" else self.cache
-        self.val_set = self._dataset(self.val_cases, val_transforms(self.task), val_cache, "val")
+        self.train_set = self._dataset(train_cases, train_tf, self.cache, "train")
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _device(self) -> torch.device:
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
     def state_dict(self) -> dict:
         """The split goes into every checkpoint: a resume trains on the same cases."""
@@ -170,13 +236,22 @@ class MSDDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         on_gpu = self.cache == "gpu"
+        rank, world = self._rank_and_world()
+        sampler = None
+        if world > 1 and not self.cache_shard_per_rank:
+            # what Lightning's own distributed sampler would be (same seed); Lightning sets its epoch
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = DistributedSampler(
+                self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed
+            )
         # CUDA tensors cannot cross worker processes: the loader's thread draws the patches on the GPU
         return self._loader(
             self.train_set,
             "thread" if on_gpu else self.loader,
             0 if on_gpu else self.num_workers,
             batch_size=self.batch_size // self.samples_per_volume,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             pin_memory=torch.cuda.is_available() and not on_gpu,
             drop_last=len(self.train_set) > 1,
         )

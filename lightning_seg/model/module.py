@@ -87,8 +87,15 @@ class SegmentationModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(self(batch["image"]), batch["label"])
+        # synced: under DDP the epoch value is the mean over every process's patches
         self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"])
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(batch["image"]),
+            sync_dist=True,
         )
         return loss
 
@@ -110,10 +117,12 @@ class SegmentationModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         per_label = self.val_dice.compute().reshape(-1)  # 0-d when there is one foreground label
         self.val_dice.reset()
-        # a label absent from every case (and never predicted) is NaN and left out of the mean
-        self.log("val/dice", per_label.nanmean(), prog_bar=True)  # torchmetrics syncs across processes
+        # a label absent from every case (and never predicted) is NaN and left out of the mean. The
+        # values are already over every process's cases (torchmetrics gathers them): sync_dist averages
+        # equal numbers and only says so to Lightning
+        self.log("val/dice", per_label.nanmean(), prog_bar=True, sync_dist=True)
         for name, value in zip(self.labels[1:], per_label, strict=True):
-            self.log(f"val/dice_{name}", value)
+            self.log(f"val/dice_{name}", value, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(params=self.parameters(), **self._fused_kwargs())

@@ -1,0 +1,75 @@
+"""Which process this is before the Trainer exists, and data preparation once per node.
+
+Under Lightning's `ddp` strategy, the processes of ranks 1.. start only when rank 0 reaches
+`trainer.fit` and run the training script again; under SLURM or torchrun every process starts at
+once. Either way, the dataset check, the synthetic writer and an MSD download run in the local rank
+0 process of each node while the others wait for its verdict, so a broken dataset stops every
+process with the same one-line message before a checkpoint, log or W&B run exists.
+"""
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lightning_fabric.plugins.environments import (
+    ClusterEnvironment,
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
+
+from lightning_seg.errors import UserError
+from lightning_seg.resume import write_atomic
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+POLL_S = 1.0
+
+
+def launch_environment() -> ClusterEnvironment:
+    """The environment Lightning will detect: SLURM, torchrun, else its own launcher's variables."""
+    if SLURMEnvironment.detect():
+        return SLURMEnvironment(auto_requeue=False)  # only read here: the Trainer makes its own
+    if TorchElasticEnvironment.detect():
+        return TorchElasticEnvironment()
+    return LightningEnvironment()
+
+
+def launch_id() -> str:
+    """Shared by all processes of one launch, different for the next one (a SLURM requeue)."""
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    # a plain launch: the other ranks start after local rank 0 has prepared, the marker is fresh
+    return os.environ.get("TORCHELASTIC_RUN_ID", "local")
+
+
+def prepare_once_per_node(
+    prepare: Callable[[], None], marker_dir: Path, timeout_s: float = 24 * 3600
+) -> None:
+    """Run `prepare` in the node's local rank 0 process; the node's other processes wait for it and
+    fail with its error message if it failed."""
+    env = launch_environment()
+    marker = marker_dir / f".prepared-{launch_id()}-node{env.node_rank()}"
+    if env.local_rank() == 0:
+        try:
+            prepare()
+        except UserError as err:
+            write_atomic(marker, str(err))  # whole or absent: a waiting process never reads half of it
+            raise
+        except BaseException:
+            write_atomic(marker, f"data preparation failed in local rank 0: see its log in {marker_dir}")
+            raise
+        write_atomic(marker, OK)
+        return
+    log.info("local rank %d: waiting for local rank 0 to prepare the data (%s)", env.local_rank(), marker)
+    deadline = time.monotonic() + timeout_s
+    while not marker.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"local rank 0 did not finish preparing the data within {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+    verdict = marker.read_text()
+    if verdict != OK:
+        raise UserError(verdict)

@@ -1,0 +1,80 @@
+"""`python -m lightning_seg.validate ckpt_path=CKPT [hardware=...] [split=SPLIT_JSON] [data.*=...]`
+(console: lightning-seg-validate): Lightning validation of a checkpoint on its run's validation cases,
+on one process or many, written to `val_metrics.json` in the run dir."""
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_seg.checkpoint_format import load_checkpoint
+from lightning_seg.config import CONFIG_DIR
+from lightning_seg.distributed import prepare_once_per_node
+from lightning_seg.entry import user_errors
+from lightning_seg.errors import InputError, MissingFileError
+from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="validate")
+def main(cfg: DictConfig) -> float:
+    with user_errors(cfg):  # a missing checkpoint or data folder: one `error:` line, exit code 2
+        return validate(cfg)["val/dice"]
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Validate `cfg.ckpt_path` with the network, preprocessing and data settings of its run."""
+    ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():
+        raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    checkpoint = load_checkpoint(ckpt_path)
+    run = checkpoint["hyper_parameters"].get("run_config")
+    if not run:
+        raise InputError(
+            f"{ckpt_path}: no run_config in the checkpoint (not written by lightning_seg training)"
+        )
+    output_dir = Path(cfg.paths.output_dir)
+    precision = cfg.precision if cfg.precision is not None else run["precision"]
+    set_tf32(uses_tf32(precision))
+
+    module = instantiate(run["module"])
+    # the weights alone: validation needs none of the training state a Trainer would restore
+    module.load_state_dict(checkpoint["state_dict"])
+    data = OmegaConf.merge(run["data"], cfg.data)
+    datamodule = instantiate(data, split=saved_split(ckpt_path, checkpoint, cfg.split))
+    prepare_once_per_node(datamodule.prepare_data, output_dir)
+    trainer = instantiate(cfg.trainer, precision=trainer_precision(precision))
+    datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
+    (results,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {
+        "ckpt_path": str(ckpt_path.resolve()),
+        "cases": len(datamodule.val_cases),
+        "processes": trainer.world_size,
+        "precision": str(precision),
+        **{key: float(value) for key, value in results.items()},
+    }
+    if trainer.is_global_zero:
+        (output_dir / "val_metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("val/dice %.4f over %d cases -> %s", metrics["val/dice"], metrics["cases"], output_dir)
+    return metrics
+
+
+def saved_split(ckpt_path: Path, checkpoint: dict, split_file: str | None) -> dict:
+    """The run's split: from `split_file`, else from the checkpoint, else from its run's split.json."""
+    if split_file is None:
+        saved = (checkpoint.get("MSDDataModule") or {}).get("split")
+        if saved:
+            return saved
+        split_file = ckpt_path.resolve().parent.parent / "split.json"
+    path = Path(split_file)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: missing, so the run's validation cases are unknown; give split=FILE")
+    return json.loads(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
