@@ -11,12 +11,14 @@ Parts, each recorded on its own (a failing part is written into the report and t
    compile, channels_last_3d, fused Adam);
 4. the real training loader against synthetic input, CPU cache and GPU cache;
 5. short real-data trainings (hippocampus) at 32, 16 and bf16: time to each Dice threshold and
-   the loader's wait.
+   the loader's wait;
+6. the memory planner (`lightning_seg.plan`) at the reference points: predicted against measured
+   `torch.cuda.max_memory_allocated` (dry: predictions only).
 
 Runs in the Python environment it is started from: no install, no download. `--dry` runs every
 part at tiny sizes (on a CPU in a few minutes, the synthetic task standing in for real data), so
 the command stays working where there is no GPU. The report: REPORT_DIR/report.md with grid.json,
-switches.json, loader.json, training.json, phases.png and memory.png beside it.
+switches.json, loader.json, training.json, plan.json, phases.png and memory.png beside it.
 """
 
 import argparse
@@ -50,6 +52,18 @@ FULL = {
     "loader_steps": ["bench.warmup=5", "bench.steps=40"],
     "loader_precisions": ["32", "16"],
     "train_time": "00:00:00:40",
+    # the planner's reference points (BENCHMARKS.md): model, patch edge, batch, precision
+    "plan_points": [
+        ("basic_unet", 128, 2, "32"),
+        ("basic_unet", 128, 2, "16"),
+        ("basic_unet", 128, 8, "32"),
+        ("basic_unet", 128, 8, "16"),
+        ("basic_unet", 160, 8, "32"),
+        ("dynunet", 128, 2, "32"),
+        ("dynunet", 128, 2, "16"),
+        ("monai_unet", 128, 2, "32"),
+        ("monai_unet", 128, 2, "16"),
+    ],
 }
 DRY = {
     "grid_anchor_points": [[32, 1]],
@@ -65,6 +79,7 @@ DRY = {
     # bf16 autocast of a width-4 network on a CPU sometimes ends in NaN (instance norm in bf16)
     "loader_precisions": ["32"],
     "train_time": "00:00:00:08",
+    "plan_points": [("basic_unet", 32, 1, "32"), ("basic_unet", 32, 1, "16")],
 }
 PRECISIONS = ["32", "tf32", "16", "bf16"]
 # each switch alone, against the default step (cuDNN benchmark on, fused Adam on, eager)
@@ -170,6 +185,28 @@ class Check:
                 records.append({**record, "cache": cache})
         return records
 
+    def plan(self) -> list[dict]:
+        """Predicted peak of each reference point next to the measured one (a GPU only)."""
+        from lightning_seg.plan import predict_step
+        from lightning_seg.plan.measure import measured_step_peak
+
+        records = []
+        for model, edge, batch, precision in self.sizes["plan_points"]:
+            overrides = [*self.paths("plan"), "task=spleen", f"model={model}", *self.sizes["model"]]
+            cfg = compose(config_name="plan", overrides=overrides)
+            record = {"model": model, "patch": edge, "batch": batch, "precision": precision}
+            point = {"batch": batch, "patch": [edge] * 3, "precision": precision}
+            record["predicted_gib"] = predict_step(cfg, **point).peak_gib
+            if self.device.type == "cuda":
+                measured = attempt("plan", lambda cfg=cfg, p=point: measured_step_peak(cfg, **p), self.device)
+                if "error" in measured:
+                    record["error"] = measured["error"]
+                else:
+                    record["measured_gib"] = measured["peak_bytes"] / 2**30
+                    record["measured_warm_gib"] = measured["warm_peak_bytes"] / 2**30
+            records.append(record)
+        return records
+
     def training(self) -> list[dict]:
         from lightning_seg.training import train
 
@@ -195,7 +232,7 @@ def _training_record(precision: str, run: Path, outcome: dict) -> dict:
         return {**record, **outcome}
     metrics = pd.read_csv(run / "csv" / "metrics.csv")
     val = metrics.dropna(subset=["val/dice"])
-    last = val.iloc[-1] if len(val) else {}
+    last = val.iloc[-1] if len(val) else None  # a run can end before its first validation
     tta = json.loads((run / "time_to_accuracy.json").read_text())
     return {
         **record,
@@ -206,7 +243,7 @@ def _training_record(precision: str, run: Path, outcome: dict) -> dict:
         **{
             key: float(last[key])
             for key in ("time/train_s", "perf/data_wait_frac", "perf/samples_per_s", "memory/train_peak_gib")
-            if key in val
+            if last is not None and key in val
         },
     }
 
@@ -294,6 +331,23 @@ def training_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def plan_table(records: list[dict]) -> list[str]:
+    lines = [
+        "| network | patch, batch | precision | predicted GiB | measured GiB (from warm-up) | error "
+        "| warm steps only GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        measured, warm = r.get("measured_gib"), r.get("measured_warm_gib")
+        predicted = r["predicted_gib"]
+        error = f"{100 * (predicted / measured - 1):+.1f}%" if measured else r.get("error") or "no GPU"
+        lines.append(
+            f"| {r['model']} | {r['patch']}^3, {r['batch']} | {LABEL[r['precision']]} | {predicted:.2f} "
+            f"| {f'{measured:.2f}' if measured else '-'} | {error} | {f'{warm:.2f}' if warm else '-'} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,7 +370,7 @@ def main() -> None:
     check = Check(args)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         results = {}
-        for part in ("grid", "switches", "loader", "training"):
+        for part in ("grid", "switches", "loader", "training", "plan"):
             part_start = time.perf_counter()
             results[part] = attempt(part, getattr(check, part), check.device)
             log.info("part %s done in %.0f s", part, time.perf_counter() - part_start)
@@ -370,6 +424,10 @@ def write_report(check: Check, results: dict, seconds: float) -> None:
         "## Short real-data trainings",
         "",
         *training_table(training),
+        "",
+        "## Memory planner: predicted against measured peak (`python -m lightning_seg.plan`)",
+        "",
+        *plan_table(results["plan"] if isinstance(results["plan"], list) else []),
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))

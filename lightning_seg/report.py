@@ -1,12 +1,16 @@
-"""Time-to-accuracy report for a sweep: PNG plots, a Markdown table and a CSV.
+"""Time-to-accuracy report for a sweep: PNG plots, Markdown tables and CSVs.
 
-usage: python -m lightning_seg.report SWEEP_DIR [--out DIR]
+usage: python -m lightning_seg.report SWEEP_DIR [--out DIR] [--no-wandb]
 
-Reads every run below SWEEP_DIR (a run is a folder with csv/metrics.csv and .hydra/config.yaml).
+Reads every run below SWEEP_DIR (a run is a folder with csv/metrics.csv, .hydra/config.yaml and
+time_to_accuracy.json). Threshold times and best Dice come from each run's time_to_accuracy.json,
+written by the callback that saw the crossing; metrics.csv only gives the curves. Where the runs
+logged to W&B, the report's numbers also go into the summary of one W&B run in the sweep's group.
 """
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 PRECISION_ORDER = ["32", "tf32", "16", "bf16"]
@@ -29,18 +34,31 @@ class Run:
     precision: str
     seed: int
     task: str
-    thresholds: list[float]
     curve: pd.DataFrame  # validations: time/train_s, val/dice (and what else was logged)
     device: str
+    time_to_accuracy: dict  # the run's time_to_accuracy.json
+    wandb: dict | None  # the resolved logger.wandb config where the run logged to W&B
 
     @property
     def label(self) -> str:
         return PRECISION_LABEL.get(self.precision, self.precision)
 
+    @property
+    def thresholds(self) -> list[float]:
+        return [float(t) for t in self.time_to_accuracy["thresholds"]]
+
+    @property
+    def best_dice(self) -> float:
+        return float(self.time_to_accuracy["best"])
+
+    def crossing(self, threshold: float) -> dict | None:
+        """The callback's record of the first validation at or above `threshold` (None if never)."""
+        return self.time_to_accuracy["reached"].get(f"{threshold:g}")
+
     def time_to(self, threshold: float) -> float:
-        """First training time at which val/dice >= threshold (NaN if never)."""
-        hit = self.curve[self.curve["val/dice"] >= threshold]
-        return float(hit["time/train_s"].iloc[0]) if len(hit) else float("nan")
+        """Training seconds until val/dice first reached `threshold` (NaN if never)."""
+        record = self.crossing(threshold)
+        return float(record["train_s"]) if record else float("nan")
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
@@ -50,10 +68,17 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         config_file = run_dir / ".hydra" / "config.yaml"
         if not config_file.is_file():
             continue
-        cfg = OmegaConf.load(config_file)
         log = pd.read_csv(metrics)
         if "val/dice" not in log:
             continue
+        tta_file = run_dir / "time_to_accuracy.json"
+        if not tta_file.is_file():
+            print(
+                f"skipping {run_dir}: no time_to_accuracy.json (callbacks.time_to_accuracy off?)",
+                file=sys.stderr,
+            )
+            continue
+        cfg = OmegaConf.load(config_file)
         curve = log.dropna(subset=["val/dice"]).reset_index(drop=True)
         env_file = run_dir / "environment.json"
         env = json.loads(env_file.read_text()) if env_file.is_file() else {}
@@ -63,14 +88,34 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 str(cfg.precision),
                 int(cfg.seed),
                 str(cfg.task.name),
-                [float(t) for t in cfg.task.dice_thresholds],
                 curve,
                 env.get("gpu") or f"CPU ({env.get('cpu_count', '?')} cores)",
+                json.loads(tta_file.read_text()),
+                _wandb_config(run_dir),
             )
         )
     if not runs:
-        raise SystemExit(f"no runs with csv/metrics.csv and .hydra/config.yaml below {sweep_dir}")
+        raise SystemExit(
+            f"no runs with csv/metrics.csv, .hydra/config.yaml and time_to_accuracy.json below {sweep_dir}"
+        )
     return sorted(runs, key=lambda r: (_precision_rank(r.precision), r.seed))
+
+
+class _HparamsLoader(yaml.SafeLoader):
+    """Reads csv/hparams.yaml, where Lightning writes some values (torch's version) as Python objects."""
+
+
+_HparamsLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
+
+
+def _wandb_config(run_dir: Path) -> dict | None:
+    """logger.wandb as the run resolved it (csv/hparams.yaml; .hydra/config.yaml keeps the
+    interpolations, some of which only resolve inside Hydra)."""
+    hparams = run_dir / "csv" / "hparams.yaml"
+    if not hparams.is_file():
+        return None
+    resolved = yaml.load(hparams.read_text(), Loader=_HparamsLoader) or {}
+    return (resolved.get("logger") or {}).get("wandb")
 
 
 def _precision_rank(precision: str) -> int:
@@ -84,12 +129,22 @@ MEMORY_COLUMNS = {
 }
 
 
+def _spread(values) -> float:
+    """Sample standard deviation over seeds; 0 for a single seed."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def _groups(runs: list[Run]) -> dict[str, list[Run]]:
+    return {p: [r for r in runs if r.precision == p] for p in dict.fromkeys(r.precision for r in runs)}
+
+
 def summary_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per precision: mean time to each threshold over seeds, speed-up vs fp32, best Dice."""
+    """One row per precision: time to each threshold (mean and spread over the seeds that reached
+    it, and how many did), speed-up vs fp32 of the means, best Dice (mean and spread), peak memory."""
     thresholds = runs[0].thresholds
     rows = []
-    for precision in dict.fromkeys(r.precision for r in runs):
-        group = [r for r in runs if r.precision == precision]
+    for precision, group in _groups(runs).items():
         row = {
             "precision": PRECISION_LABEL.get(precision, precision),
             "runs": len(group),
@@ -97,10 +152,12 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
         }
         for t in thresholds:
             times = np.array([r.time_to(t) for r in group])
-            reached = ~np.isnan(times)
-            row[f"time to {t:g} (s)"] = float(times[reached].mean()) if reached.all() else float("nan")
-            row[f"reached {t:g}"] = f"{int(reached.sum())}/{len(group)}"
-        row["best val/dice"] = float(np.mean([r.curve["val/dice"].max() for r in group]))
+            reached = times[~np.isnan(times)]
+            row[f"time to {t:g} (s)"] = float(reached.mean()) if len(reached) else float("nan")
+            row[f"spread {t:g} (s)"] = _spread(reached) if len(reached) else float("nan")
+            row[f"reached {t:g}"] = f"{len(reached)}/{len(group)}"
+        row["best val/dice"] = float(np.mean([r.best_dice for r in group]))
+        row["best val/dice spread"] = _spread([r.best_dice for r in group])
         for column, name in MEMORY_COLUMNS.items():
             if all(column in r.curve for r in group):
                 row[name] = float(np.mean([r.curve[column].max() for r in group]))
@@ -114,6 +171,99 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
             float(base[column].iloc[0]) / table[column] if len(base) else np.nan
         )
     return table
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: training seconds to each threshold, or `not reached`, and the best Dice."""
+    rows = []
+    for run in runs:
+        row = {"run": run.path.name, "precision": run.label, "seed": run.seed}
+        for t in run.thresholds:
+            record = run.crossing(t)
+            row[f"{t:g}"] = f"{record['train_s']:.1f} s (step {record['step']})" if record else "not reached"
+        row["best val/dice"] = run.best_dice
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def equal_accuracy(runs: list[Run]) -> tuple[pd.DataFrame, str]:
+    """The reference talk's claim, checked: best validation Dice per precision (mean and spread
+    over seeds) and whether each precision differs from fp32 (else the first precision) by more
+    than the seed spread (the larger of the two standard deviations)."""
+    groups = _groups(runs)
+    reference = "32" if "32" in groups else next(iter(groups))
+    ref_values = [r.best_dice for r in groups[reference]]
+    rows, differ = [], []
+    for precision, group in groups.items():
+        values = [r.best_dice for r in group]
+        delta = float(np.mean(values) - np.mean(ref_values))
+        spread = max(_spread(values), _spread(ref_values))
+        if precision == reference:
+            verdict = "reference"
+        elif min(len(values), len(ref_values)) < 2:
+            verdict = "one seed: no spread to compare with"
+        else:
+            verdict = "yes" if abs(delta) > spread else "no"
+            if verdict == "yes":
+                differ.append(PRECISION_LABEL.get(precision, precision))
+        rows.append(
+            {
+                "precision": PRECISION_LABEL.get(precision, precision),
+                "seeds": len(values),
+                "best val/dice mean": float(np.mean(values)),
+                "best val/dice spread": _spread(values),
+                f"difference vs {PRECISION_LABEL.get(reference, reference)}": delta,
+                "differs beyond seed spread": verdict,
+            }
+        )
+    table = pd.DataFrame(rows)
+    compared = table["differs beyond seed spread"].isin(["yes", "no"])
+    if not compared.any():
+        answer = "not decided: every precision needs at least two seeds for a spread"
+    elif differ:
+        answer = f"no: {', '.join(differ)} differ from the reference by more than the seed spread"
+    else:
+        answer = "yes: every precision is within the seed spread of the reference"
+    return table, answer
+
+
+def wandb_summary(table: pd.DataFrame, accuracy: pd.DataFrame, answer: str) -> dict:
+    """The report's numbers as flat W&B summary keys."""
+    summary = {"equal_accuracy/answer": answer}
+    for row in accuracy.to_dict("records"):
+        summary[f"equal_accuracy/{row['precision']}/best_dice_mean"] = row["best val/dice mean"]
+        summary[f"equal_accuracy/{row['precision']}/best_dice_spread"] = row["best val/dice spread"]
+    for row in table.to_dict("records"):
+        for column, value in row.items():
+            if column.startswith(("time to ", "spread ", "reached ")):
+                summary[f"time_to_accuracy/{row['precision']}/{column}"] = value
+    return summary
+
+
+def log_to_wandb(runs: list[Run], summary: dict, tables: dict[str, pd.DataFrame], out: Path) -> Path | None:
+    """Where the runs logged to W&B: one more run in their project and group (job type `report`),
+    offline where they were, whose summary holds the report's numbers and whose history the tables.
+    Returns its W&B dir, None where the runs had no W&B."""
+    config = runs[0].wandb
+    if config is None:
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=config.get("project"),
+        group=config.get("group"),
+        job_type="report",
+        name=f"{config.get('group') or runs[0].task}-report",
+        dir=out,
+        mode="offline" if config.get("offline", True) else "online",
+        config={"runs": [str(r.path) for r in runs]},
+    )
+    try:
+        run.log({name: wandb.Table(dataframe=t.astype(str)) for name, t in tables.items()})
+        run.summary.update(summary)
+    finally:
+        run.finish()
+    return out / "wandb"
 
 
 def plot_curves(runs: list[Run], out: Path) -> Path:
@@ -172,25 +322,44 @@ def _decorate(ax, runs: list[Run], title: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
 
 
-def write_report(sweep_dir: Path, out: Path | None = None) -> dict[str, Path]:
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".3g")
+
+
+def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = True) -> dict[str, Path]:
     runs = load_runs(sweep_dir)
     out = out or sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    table = summary_table(runs)
+    table, per_run = summary_table(runs), runs_table(runs)
+    accuracy, answer = equal_accuracy(runs)
     csv_path, md_path = out / "time_to_accuracy.csv", out / "time_to_accuracy.md"
+    runs_path, accuracy_path = out / "runs.csv", out / "equal_accuracy.csv"
     table.to_csv(csv_path, index=False)
-    header = (
+    per_run.to_csv(runs_path, index=False)
+    accuracy.to_csv(accuracy_path, index=False)
+    md_path.write_text(
         f"# Time to accuracy: {runs[0].task} on {runs[0].device}\n\n"
-        f"{len(runs)} runs from `{sweep_dir}`. Times are training seconds with validation excluded "
-        f"(`time/train_s`), averaged over seeds; a threshold not reached by every seed shows as nan.\n\n"
+        f"{len(runs)} runs from `{sweep_dir}`. Times are training seconds with validation excluded, as "
+        "each run's `time_to_accuracy.json` records them: mean and spread (standard deviation) over the "
+        "seeds that reached the threshold, with how many did.\n\n"
+        f"{_markdown(table)}\n\n## Runs\n\n{_markdown(per_run)}\n\n"
+        f"## Equal accuracy?\n\n{answer}.\n\n{_markdown(accuracy)}\n"
     )
-    md_path.write_text(header + table.to_markdown(index=False, floatfmt=".3g") + "\n")
-    return {
+    files = {
         "csv": csv_path,
         "markdown": md_path,
+        "runs": runs_path,
+        "equal_accuracy": accuracy_path,
         "curves": plot_curves(runs, out),
         "mean_range": plot_mean_range(runs, out),
     }
+    if wandb:
+        summary = wandb_summary(table, accuracy, answer)
+        tables = {"time_to_accuracy": table, "runs": per_run, "equal_accuracy": accuracy}
+        wandb_dir = log_to_wandb(runs, summary, tables, out)
+        if wandb_dir is not None:
+            files["wandb"] = wandb_dir
+    return files
 
 
 def main() -> None:
@@ -199,9 +368,10 @@ def main() -> None:
     )
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/report")
+    parser.add_argument("--no-wandb", action="store_true", help="no W&B run for the report's numbers")
     args = parser.parse_args()
-    for kind, path in write_report(args.sweep_dir, args.out).items():
-        print(f"{kind:10s} {path}")
+    for kind, path in write_report(args.sweep_dir, args.out, wandb=not args.no_wandb).items():
+        print(f"{kind:15s} {path}")
 
 
 if __name__ == "__main__":

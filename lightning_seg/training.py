@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Trainer, seed_everything
@@ -19,7 +20,9 @@ from lightning_seg.config import CONFIG_DIR
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info
+from lightning_seg.errors import ConfigError
 from lightning_seg.loggers import ResumableCSVLogger
+from lightning_seg.plan import largest_batch, predict_step
 from lightning_seg.precision import set_tf32, uses_tf32
 from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id, write_atomic
 
@@ -50,6 +53,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from another dir starts a new run from it. A run stopped by SIGTERM exits with status 143 after
     writing `last.ckpt`."""
     output_dir = Path(cfg.paths.output_dir)
+    auto_batch = choose_batch(cfg) if str(cfg.data.batch_size) == "auto" else None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = find_checkpoint(cfg.ckpt_path, output_dir)
     in_place = resume is not None and resume.in_place
@@ -73,8 +77,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
+    if auto_batch is not None:
+        cap_batch(cfg, auto_batch, datamodule, trainer.world_size, resolved)
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
-    env["batch"] = batch_sizes(cfg.data.batch_size, trainer)
+    env["batch"] = batch_sizes(datamodule.batch_size, trainer)
+    if auto_batch is not None:
+        env["batch"]["auto"] = auto_batch
     log.info("environment: %s", env)
     log.info(
         "batch: %(per_device)d patches per process x %(processes)d processes x %(accumulate)d accumulated "
@@ -114,6 +122,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         # what compile and the fused optimizer became on this machine is known once fit has started
         env["fast_path"] = module.fast_path
+        if auto_batch is not None:  # every GPU run with an automatic batch checks the memory planner
+            measured = trainer.callback_metrics.get("memory/train_peak_gib")
+            auto_batch["measured_train_peak_gib"] = float(measured) if measured is not None else None
         if trainer.is_global_zero:
             (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
         if any(isinstance(logger, WandbLogger) for logger in loggers):
@@ -129,6 +140,46 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def choose_batch(cfg: DictConfig) -> dict:
+    """`data.batch_size=auto`: the largest batch whose predicted training-step peak fits in this GPU's
+    free memory (lightning_seg.plan), written into `cfg`; returns the choice and its prediction."""
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "data.batch_size=auto sizes the batch to a CUDA GPU's free memory and there is no GPU here: "
+            "give a number (python -m lightning_seg.plan plan.gpu=<card> predicts what fits)"
+        )
+    free, total = torch.cuda.mem_get_info()
+    cfg.data.batch_size = int(cfg.data.samples_per_volume)  # a number for the planner's config
+    batch, predicted = largest_batch(cfg, free)
+    if batch == 0:
+        raise ConfigError(
+            f"data.batch_size=auto: not even batch {cfg.data.samples_per_volume} fits in the "
+            f"{free / 2**30:.1f} GiB free on this GPU (predicted {predicted / 2**30:.1f} GiB): "
+            "lower task.patch_size or use precision=16"
+        )
+    cfg.data.batch_size = batch
+    log.info(
+        "data.batch_size=auto: %d (predicted step peak %.2f GiB of %.2f GiB free, %.1f GiB card)",
+        batch,
+        predicted / 2**30,
+        free / 2**30,
+        total / 2**30,
+    )
+    return {"chosen": batch, "predicted_peak_gib": predicted / 2**30, "free_gib": free / 2**30}
+
+
+def cap_batch(cfg: DictConfig, auto_batch: dict, datamodule, world_size: int, resolved: dict) -> None:
+    """An automatic batch draws at most every training case of a process once per step (a larger
+    one would leave the loader without a full batch)."""
+    cases = max(1, len(datamodule.train_cases) // world_size)
+    cap = cases * datamodule.samples_per_volume
+    if datamodule.batch_size > cap:
+        log.info("data.batch_size=auto: capped at %d (%d training cases per process)", cap, cases)
+        datamodule.batch_size = resolved["data"]["batch_size"] = auto_batch["capped_by_cases"] = cap
+        auto_batch["predicted_peak_gib"] = predict_step(cfg, batch=cap).peak_bytes / 2**30
 
 
 def batch_sizes(per_device: int, trainer: Trainer) -> dict[str, int]:

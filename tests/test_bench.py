@@ -131,6 +131,7 @@ def test_gpu_check_dry_run_writes_its_report_on_a_cpu(tmp_path):
             "switches.json",
             "loader.json",
             "training.json",
+            "plan.json",
             "phases.png",
             "memory.png",
         ]

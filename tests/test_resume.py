@@ -354,6 +354,8 @@ def test_last_checkpoint_is_written_at_every_validation_and_every_interval(tmp_p
     assert checkpoint.best_model_path.endswith("epoch=0-step=4.ckpt")  # timed saves leave the top k alone
 
 
+# a bare Trainer resuming in its own dir: the warning train() filters around a resume in place
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_a_resume_in_place_removes_checkpoints_its_state_does_not_know(tmp_path):
     first = _checkpoint(tmp_path, None)
     _boring_trainer(tmp_path, first, max_epochs=1).fit(_NeverBetter())

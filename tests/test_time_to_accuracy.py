@@ -1,21 +1,20 @@
 """Time-to-accuracy callback, multirun sweep and its report, W&B offline files."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from lightning_seg.report import write_report
 from lightning_seg.training import train
 
-from .conftest import compose_config, learnable_synthetic_overrides, tiny_synthetic_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import compose_config, learnable_synthetic_overrides
 
 
 def test_threshold_times_match_the_metrics_log(tmp_path):
@@ -56,35 +55,11 @@ def test_stop_at_target_stops_training(tmp_path):
     assert log["val/dice"].iloc[-1] >= 0.3 and (log["val/dice"].iloc[:-1] < 0.3).all()
 
 
-def test_multirun_sweep_and_report(tmp_path):
-    overrides = [o for o in tiny_synthetic_overrides() if not o.startswith("trainer.enable_model_summary")]
-    command = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "experiment=amp_time_to_accuracy",
-        "precision=32,bf16",
-        "seed=0,1",
-        "trainer.max_epochs=2",
-        "logger.wandb.offline=true",
-        # bf16 autocast of this tiny network on a CPU often diverges to NaN at the first step (CPU
-        # autocast runs instance norm in bf16; an open finding). The sweep and its report are under
-        # test here, the guard that would stop those runs in test_amp_guard.py
-        "callbacks.amp_guard=null",
-        *overrides,
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.log_dir={tmp_path / 'outputs'}",
-    ]
-    subprocess.run(
-        command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "WANDB_SILENT": "true"}
-    )
-    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
-    assert len(sweeps) == 1
-    run_dirs = sorted(p for p in sweeps[0].iterdir() if (p / "csv" / "metrics.csv").is_file())
+def test_multirun_sweep_and_report(tiny_sweep):
+    run_dirs = sorted(p for p in tiny_sweep.iterdir() if (p / "csv" / "metrics.csv").is_file())
     assert [p.name for p in run_dirs] == ["0", "1", "2", "3"]
 
-    files = write_report(sweeps[0])
+    files = write_report(tiny_sweep, tiny_sweep / "report_test")
     table = pd.read_csv(files["csv"])
     assert list(table["precision"]) == ["fp32", "bf16 AMP"]
     assert list(table["runs"]) == [2, 2]
@@ -93,9 +68,43 @@ def test_multirun_sweep_and_report(tmp_path):
         image = mpimg.imread(files[key])
         assert image.shape[0] > 300 and image.shape[1] > 500
 
+    # one source of truth: every time the report shows is the one the run's callback recorded
+    records = {p.name: json.loads((p / "time_to_accuracy.json").read_text()) for p in run_dirs}
+    per_run = pd.read_csv(files["runs"], dtype=str).set_index("run")
+    for name, record in records.items():
+        assert "0" in record["reached"] and "0.99" not in record["reached"]
+        for threshold in ("0", "0.001", "0.99"):  # 0.001: a run whose bf16 diverged stays at Dice 0
+            crossing = record["reached"].get(threshold)
+            shown = f"{crossing['train_s']:.1f} s (step {crossing['step']})" if crossing else "not reached"
+            assert per_run.loc[name, threshold] == shown
+        assert float(per_run.loc[name, "best val/dice"]) == pytest.approx(record["best"])
+    precision = {p.name: OmegaConf.load(p / ".hydra" / "config.yaml").precision for p in run_dirs}
+    for label, value in (("fp32", 32), ("bf16 AMP", "bf16")):
+        times = [records[n]["reached"]["0"]["train_s"] for n in records if precision[n] == value]
+        row = table[table["precision"] == label].iloc[0]
+        assert row["time to 0 (s)"] == pytest.approx(np.mean(times))
+        assert row["spread 0 (s)"] == pytest.approx(np.std(times, ddof=1))
+        assert row["reached 0"] == "2/2" and row["reached 0.99"] == "0/2"
+        assert np.isnan(row["time to 0.99 (s)"])
+
+    # equal accuracy: best Dice per precision over the seeds, and the same numbers in the W&B summary
+    accuracy = pd.read_csv(files["equal_accuracy"])
+    best = [records[n]["best"] for n in records if precision[n] == 32]
+    fp32 = accuracy[accuracy["precision"] == "fp32"].iloc[0]
+    assert fp32["best val/dice mean"] == pytest.approx(np.mean(best))
+    assert fp32["best val/dice spread"] == pytest.approx(np.std(best, ddof=1))
+    assert accuracy["differs beyond seed spread"].iloc[1] in ("yes", "no")
+    (report_run,) = files["wandb"].glob("offline-run-*/run-*.wandb")
+    summary = {}
+    for record in wandb_records(report_run):
+        if record["type"] == "summary":
+            summary.update(record["summary"]["update"])
+    assert summary["equal_accuracy/fp32/best_dice_mean"] == pytest.approx(np.mean(best))
+    assert summary["time_to_accuracy/fp32/time to 0 (s)"] == pytest.approx(table["time to 0 (s)"].iloc[0])
+
     # W&B offline runs, read back with W&B's own inspector: one run per job, one group per sweep,
     # validation Dice plotted against training time, the logged keys in the history
-    records = [wandb_records(f) for f in sorted(sweeps[0].glob("*/wandb/offline-run-*/run-*.wandb"))]
+    records = [wandb_records(f) for d in run_dirs for f in d.glob("wandb/offline-run-*/run-*.wandb")]
     assert len(records) == 4
     runs = [next(r["run"] for r in recs if r["type"] == "run") for recs in records]
     assert len({r["run_id"] for r in runs}) == 4 and len({r["run_group"] for r in runs}) == 1

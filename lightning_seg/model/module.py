@@ -110,9 +110,10 @@ class SegmentationModule(LightningModule):
             mode="gaussian",
         )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.predict_volume(batch["image"])
-        self.val_dice.update(logits.argmax(1), batch["label"][:, 0].long())
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        prediction = self.predict_volume(batch["image"]).argmax(1)
+        self.val_dice.update(prediction, batch["label"][:, 0].long())
+        return prediction  # for callbacks (callbacks.val_images draws it)
 
     def on_validation_epoch_end(self) -> None:
         per_label = self.val_dice.compute().reshape(-1)  # 0-d when there is one foreground label

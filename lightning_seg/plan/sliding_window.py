@@ -1,0 +1,124 @@
+"""Peak GPU memory of sliding-window inference on a whole volume: validation and `predict`.
+
+MONAI's `sliding_window_inference` (as `SegmentationModule.predict_volume` and
+`lightning_seg.inference` call it) keeps on the device, for the whole loop: the network (and under
+AMP its cached fp16/bf16 weight copies), the image, the Gaussian importance map of one window and,
+when stitching on the GPU, the fp32 output buffer (one channel per label) and the fp32 count map of
+the whole volume. Each step adds a batch of `sw_batch_size` windows and one no-grad forward pass,
+whose peak comes from a fake-tensor run. After the loop, validation scores on the device (argmax,
+int64 labels, torchmetrics' one-hot encodings and their product: 8 bytes per voxel and label each),
+and `predict` takes a softmax of the stitched logits where they were stitched. With CPU stitching
+(`predict`'s `stitch_on_cpu`) the output buffer, count map and softmax live in host memory. The
+cuDNN workspace allowance of the training step is added to the window loop.
+Overlap changes the number of windows, not the memory.
+"""
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lightning_seg.plan.allocator import AllocatorModel, allocator_bytes
+from lightning_seg.plan.cuda_autocast import CudaAutocast
+from lightning_seg.plan.step import GIB, amp_dtype, with_point, workspace_allowance
+
+
+def resampled_shape(shape, spacing, target) -> list[int]:
+    """Voxels per axis after resampling from `spacing` to the task's `target` spacing (mm)."""
+    return [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True)]
+
+
+def largest_volume(cfg: DictConfig) -> tuple[list[int] | None, str]:
+    """The largest training image of the task after resampling (voxels per axis, in the task's
+    orientation), read from NIfTI headers only; or None and why not."""
+    target = [float(t) for t in cfg.task.spacing]
+    synthetic = cfg.task.get("synthetic")
+    if synthetic:  # the phantom generator's settings say it: no need to write the data
+        shape = resampled_shape(synthetic.shape, synthetic.spacing, target)
+        return shape, f"synthetic task: {synthetic.num_cases} cases of {list(synthetic.shape)} voxels"
+    listing = Path(str(cfg.data.task_dir)) / "dataset.json"
+    if not listing.is_file():
+        return None, f"{listing} not found (set paths.data_dir, or plan.volume=[x,y,z])"
+    cases = json.loads(listing.read_text()).get("training", [])
+    best, name = None, None
+    for case in cases:
+        path = listing.parent / case["image"]
+        if not path.is_file():
+            continue
+        header = nib.load(str(path))  # reads the header; the voxels stay on disk
+        ornt = nib.orientations.io_orientation(header.affine)  # voxel axes -> RAS axes
+        shape = np.array(header.shape[:3])[np.argsort(ornt[:, 0])]
+        spacing = np.array(header.header.get_zooms()[:3])[np.argsort(ornt[:, 0])]
+        size = resampled_shape(shape.tolist(), spacing.tolist(), target)
+        if best is None or math.prod(size) > math.prod(best):
+            best, name = size, path.name
+    if best is None:
+        return None, f"no readable training image listed in {listing}"
+    return best, f"largest of {len(cases)} training images: {name}"
+
+
+def window_forward_bytes(cfg: DictConfig, windows: int) -> tuple[int, int]:
+    """(peak bytes above the weights and the window batch, bytes of the weights) of one no-grad
+    forward pass of `windows` windows in eval mode, under the config's precision."""
+    patch = [int(n) for n in cfg.task.patch_size]
+    dtype = amp_dtype(cfg.precision)
+    with FakeTensorMode():
+        net = instantiate(cfg.model).eval()
+        mem = AllocatorModel()
+        with mem, torch.no_grad():
+            mem.track([*net.parameters(), *net.buffers()], "weights")
+            window = torch.randn(windows, int(cfg.task.in_channels), *patch)
+            mem.track(window, "input")
+            base = mem.current
+            with CudaAutocast(dtype) if dtype is not None else nullcontext():
+                net(window)
+    return mem.peak - base, sum(allocator_bytes(p.numel() * p.element_size()) for p in net.parameters())
+
+
+def predict_sliding_window(cfg: DictConfig, volume: list[int], sw_batch_size: int, precision=None) -> dict:
+    """Peak device bytes of validation and of `predict` (GPU and CPU stitching) on one volume."""
+    cfg = with_point(cfg, precision=precision)
+    patch = [int(n) for n in cfg.task.patch_size]
+    labels, channels = len(cfg.task.labels), int(cfg.task.in_channels)
+    padded = [max(v, p) for v, p in zip(volume, patch, strict=True)]  # MONAI pads a smaller volume
+    voxels, padded_voxels = math.prod(volume), math.prod(padded)
+
+    def size(count: int, itemsize: int) -> int:
+        return allocator_bytes(count * itemsize)
+
+    image = size(channels * voxels, 4) + (size(channels * padded_voxels, 4) if padded != volume else 0)
+    forward, weights = window_forward_bytes(cfg, sw_batch_size)
+    loop = weights + image + size(math.prod(patch), 4) + size(sw_batch_size * channels * math.prod(patch), 4)
+    loop += forward + workspace_allowance(cfg)  # the convolutions' cuDNN workspaces
+    output, count = size(labels * padded_voxels, 4), size(padded_voxels, 4)
+    index, onehot = size(voxels, 8), size(labels * voxels, 8)
+    label = size(voxels, 4)
+    # validation: the label rides along on the device; stitching is on the device
+    validation_loop = loop + label + output + count
+    validation_score = weights + image + label + output + 2 * index + 3 * onehot
+    predict_gpu = max(loop + output + count, weights + image + 2 * output)  # + softmax of the logits
+    parts = {
+        "weights": weights,
+        "image": image,
+        "window_batch_forward": forward,
+        "cudnn_workspace": workspace_allowance(cfg),
+        "output_buffer": output,
+        "count_map": count,
+        "validation_scoring": label + 2 * index + 3 * onehot,
+    }
+    return {
+        "volume": list(volume),
+        "sw_batch_size": sw_batch_size,
+        "precision": str(cfg.precision),
+        "validation_peak_gib": round(max(validation_loop, validation_score) / GIB, 4),
+        "predict_gpu_stitching_peak_gib": round(predict_gpu / GIB, 4),
+        "predict_cpu_stitching_peak_gib": round(loop / GIB, 4),
+        "parts_gib": {k: round(v / GIB, 4) for k, v in parts.items()},
+    }

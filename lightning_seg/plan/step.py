@@ -1,0 +1,215 @@
+"""Peak GPU memory of one warm training step, predicted on the CPU with fake tensors.
+
+The network, optimizer and input shapes come from the training config; the step is Lightning's
+automatic optimization (`training_step` under autocast, `zero_grad`, backward, optimizer step) run
+twice on fake tensors, so the second, measured, step starts with Adam's state and the first step's
+gradients alive, as a warm step on a GPU does. Fake tensors carry shapes and dtypes only: a 160^3
+batch-8 step costs no memory and about a second.
+"""
+
+import copy
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lightning_seg.plan.allocator import AllocatorModel
+from lightning_seg.plan.cuda_autocast import CudaAutocast
+from lightning_seg.precision import trainer_precision
+
+GIB = 2**30
+# cuDNN's workspaces come from the caching allocator but not from any tensor a fake step can see: a
+# fixed allowance. 0.5 GiB is what the MONAI UNet reference points (1.4 / 1.1 GiB measured) sit above
+# the fake-tensor peak in both fp32 and fp16; for the large networks it is hidden under activations.
+CUDNN_WORKSPACE_GIB = 0.5
+# breakdown categories, in print order; the allocator model's kinds map onto them
+CATEGORIES = ("weights", "gradients", "optimizer", "input", "activations", "amp_weight_copies",
+              "transient", "cudnn_workspace")  # fmt: skip
+KIND_TO_CATEGORY = {"forward": "activations", "loss": "activations", "backward": "transient",
+                    "step": "transient", "setup": "transient"}  # fmt: skip
+
+
+@dataclass
+class StepPlan:
+    """Predicted peak of a warm training step and what is alive at that moment (bytes)."""
+
+    model: str
+    precision: str
+    batch: int
+    patch: list[int]
+    peak_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "precision": self.precision,
+            "batch": self.batch,
+            "patch": self.patch,
+            "peak_gib": round(self.peak_gib, 4),
+            "peak_bytes": self.peak_bytes,
+            "breakdown_gib": {k: round(v / GIB, 4) for k, v in self.breakdown.items()},
+        }
+
+
+def amp_dtype(precision) -> torch.dtype | None:
+    """The CUDA autocast dtype of a precision choice (None: fp32 and TF32 train without autocast)."""
+    mode = trainer_precision(precision)
+    return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(mode)
+
+
+def with_point(cfg: DictConfig, batch: int | None = None, patch=None, precision=None) -> DictConfig:
+    """A copy of `cfg` at another batch, patch or precision (the task's patch feeds the network)."""
+    cfg = copy.deepcopy(cfg)
+    if batch is not None:
+        OmegaConf.update(cfg, "data.batch_size", int(batch))
+    if patch is not None:
+        OmegaConf.update(cfg, "task.patch_size", [int(n) for n in patch])
+    if precision is not None:
+        OmegaConf.update(cfg, "precision", precision)
+    return cfg
+
+
+def model_name(cfg: DictConfig) -> str:
+    return str(cfg.model._target_).rsplit(".", 1)[-1]
+
+
+class ShapeDiceLoss(nn.Module):
+    """MONAI's `DiceLoss` / `DiceCELoss` forward, op for op and shape for shape, minus value reads.
+
+    MONAI's loss calls `torch.arange(...).tolist()` for its reduction axes, which a fake tensor cannot
+    answer (it has no values); every tensor it makes (softmax, one-hot target, the norms' inputs, the
+    difference of prediction and target, cross-entropy's log-softmax) is made here too, so the memory
+    it needs is the same."""
+
+    def __init__(self, loss_cfg: DictConfig) -> None:
+        super().__init__()
+        self.softmax = bool(loss_cfg.get("softmax", False))
+        self.to_onehot_y = bool(loss_cfg.get("to_onehot_y", False))
+        self.squared_pred = bool(loss_cfg.get("squared_pred", False))
+        self.include_background = bool(loss_cfg.get("include_background", True))
+        self.cross_entropy = str(loss_cfg.get("_target_", "")).endswith("DiceCELoss")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        label = target
+        pred = torch.softmax(logits, 1) if self.softmax else logits
+        if self.to_onehot_y:  # monai.networks.utils.one_hot
+            target = torch.zeros(pred.shape, dtype=target.dtype).scatter_(1, target.long(), 1)
+        if not self.include_background:
+            pred, target = pred[:, 1:], target[:, 1:]
+        dims = list(range(2, pred.ndim))
+        if self.squared_pred:  # monai.losses.utils.compute_tp_fp_fn, ord=2
+            pred_o = torch.linalg.vector_norm(pred, 2, dims).pow(2)
+            ground_o = torch.linalg.vector_norm(target, 2, dims).pow(2)
+            difference = torch.linalg.vector_norm(pred - target, 2, dims).pow(2)
+            tp = (pred_o + ground_o - difference) / 2
+            fp, fn = pred_o - tp, ground_o - tp
+        else:
+            tp = torch.sum(pred * target, dims)
+            fp, fn = torch.sum(pred, dims) - tp, torch.sum(target, dims) - tp
+        loss = (1 - (2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5)).mean()
+        if self.cross_entropy:
+            loss = loss + F.cross_entropy(logits, label.squeeze(1).long())
+        return loss
+
+
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    """The training optimizer as it is built on a GPU: fused where `speed.fused_adam` asks for it and
+    the optimizer has the option (SegmentationModule._fused_kwargs), else CUDA's default foreach."""
+    factory = instantiate(cfg.optimizer.optimizer)
+    target = getattr(factory, "func", factory)
+    options = inspect.signature(target).parameters
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    fused = cfg.speed.fused_adam and not (clip and trainer_precision(cfg.precision) == "16-mixed")
+    if fused and "fused" in options:
+        return factory(params=params, fused=True)
+    return factory(params=params, foreach=True) if "foreach" in options else factory(params=params)
+
+
+def workspace_allowance(cfg: DictConfig) -> int:
+    """The cuDNN workspace allowance in bytes (`plan.cudnn_workspace_gib`, else the default)."""
+    return int(OmegaConf.select(cfg, "plan.cudnn_workspace_gib", default=CUDNN_WORKSPACE_GIB) * GIB)
+
+
+def predict_step(
+    cfg: DictConfig,
+    batch: int | None = None,
+    patch=None,
+    precision=None,
+    loop: str = "lightning",
+    workspace_bytes: int | None = None,
+) -> StepPlan:
+    """Predict `torch.cuda.max_memory_allocated` of a warm training step at the config's (or the
+    given) batch, patch and precision.
+
+    `loop="lightning"`: the step training runs (Lightning's automatic optimization). `loop="bare"`:
+    the bare PyTorch loop of `../shared/bench/anchor_step.py` that measured the reference peaks (two
+    input sets on the device, `zero_grad` first, the logits held until after backward).
+    `workspace_bytes`: the cuDNN allowance added to the peak (default `workspace_allowance(cfg)`;
+    0 for the fake-tensor peak alone, as a CPU run has no cuDNN)."""
+    cfg = with_point(cfg, batch, patch, precision)
+    batch, patch = int(cfg.data.batch_size), [int(n) for n in cfg.task.patch_size]
+    dtype = amp_dtype(cfg.precision)
+    bare = loop == "bare"
+    with FakeTensorMode():
+        net = instantiate(cfg.model)
+        net.train()
+        loss_fn = ShapeDiceLoss(cfg.loss)
+        optimizer = build_optimizer(cfg, net.parameters())
+        mem = AllocatorModel()
+        with mem:
+            mem.track([*net.parameters(), *net.buffers()], "weights")
+            # the loader's labels are float32 (EnsureTyped)
+            inputs = [
+                (torch.randn(batch, int(cfg.task.in_channels), *patch), torch.zeros(batch, 1, *patch))
+                for _ in range(2 if bare else 1)
+            ]
+            mem.track(inputs, "input")
+            for step in range(2):
+                if step == 1:
+                    mem.reset_peak()  # the warm step: Adam's state exists
+                image, label = inputs[step % len(inputs)]
+                _train_step(net, loss_fn, optimizer, image, label, dtype, mem, bare)
+    breakdown = dict.fromkeys(CATEGORIES, 0)
+    for kind, nbytes in mem.breakdown().items():
+        category = KIND_TO_CATEGORY.get(kind, kind)
+        breakdown[category] = breakdown.get(category, 0) + nbytes
+    workspace = workspace_allowance(cfg) if workspace_bytes is None else workspace_bytes
+    breakdown["cudnn_workspace"] = workspace
+    return StepPlan(model_name(cfg), str(cfg.precision), batch, patch, mem.peak + workspace, breakdown)
+
+
+def _train_step(net, loss_fn, optimizer, image, label, dtype, mem: AllocatorModel, bare: bool) -> None:
+    """Lightning's automatic optimization: training_step, zero_grad, backward, optimizer.step()
+    (the bare loop: zero_grad first, and its `logits` variable lives on through backward)."""
+    if bare:
+        optimizer.zero_grad(set_to_none=True)
+    mem.phase = "forward"
+    label_copy = partial(mem.track, kind="amp_weight_copies")
+    with CudaAutocast(dtype, on_weight_cast=label_copy) if dtype is not None else nullcontext():
+        logits = net(image)
+    mem.phase = "loss"  # SegmentationModule.compute_loss: autocast off, fp32 logits
+    loss = loss_fn(logits.float(), label)
+    if not bare:
+        del logits  # Lightning's training_step keeps no reference to them
+        optimizer.zero_grad(set_to_none=True)
+    mem.phase = "backward"
+    if dtype == torch.float16:
+        loss = loss * 65536.0  # GradScaler.scale; its unscale and step work in place on the grads
+    loss.backward()
+    del loss
+    mem.track([p.grad for p in net.parameters() if p.grad is not None], "gradients")
+    mem.phase = "step"
+    optimizer.step()
+    mem.track([v for state in optimizer.state.values() for v in state.values()], "optimizer")

@@ -1,0 +1,174 @@
+"""The memory planner: fake-tensor predictions against a real CPU step, scaling, fit mode, CLI, GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_seg.config import CONFIG_DIR
+from lightning_seg.errors import ConfigError
+from lightning_seg.plan import largest_batch, predict_step
+from lightning_seg.plan.step import build_optimizer
+from lightning_seg.training import train
+
+from .conftest import compose_config, tiny_synthetic_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="plan", overrides=[*paths, *overrides])
+
+
+def profiled_step_peak(cfg: DictConfig) -> int:
+    """Peak bytes of a real CPU training step, from torch.profiler's allocation events: the live
+    tensors at the start (weights, Adam state, inputs) plus the running sum of allocations and frees."""
+    torch.manual_seed(0)
+    net = instantiate(cfg.model).train()
+    loss_fn = instantiate(cfg.loss)  # the real MONAI DiceLoss, not the planner's stand-in
+    optimizer = build_optimizer(cfg, net.parameters())
+    batch, patch = cfg.data.batch_size, list(cfg.task.patch_size)
+    image = torch.randn(batch, 1, *patch)
+    label = torch.randint(0, len(cfg.task.labels), (batch, 1, *patch)).float()
+
+    def step():
+        loss = loss_fn(net(image).float(), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        del loss
+        optimizer.step()
+
+    step()  # Adam's state exists from here on
+    # no gradients at the start: the profiler cannot see a tensor allocated before it started being freed
+    optimizer.zero_grad(set_to_none=True)
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    alive = [*net.parameters(), *net.buffers(), *state, image, label]
+    start = sum(t.untyped_storage().nbytes() for t in alive)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return start + peak
+
+
+@pytest.mark.parametrize("model", ["basic_unet", "dynunet"])
+def test_fp32_prediction_matches_a_real_cpu_step_measured_by_the_profiler(tmp_path, model):
+    # width 16: oneDNN pads fewer than 8-16 channels in its blocked layouts, a CPU-only cost
+    cfg = plan_config(tmp_path, f"model={model}", "model.width=16", "task.patch_size=[32,32,32]")
+    predicted = predict_step(cfg, workspace_bytes=0).peak_bytes  # no cuDNN on a CPU
+    measured = profiled_step_peak(cfg)
+    assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_activations_scale_with_the_batch_and_amp_is_below_fp32(tmp_path):
+    cfg = plan_config(tmp_path, "model.width=4", "task.patch_size=[48,48,48]")
+    b2, b8 = predict_step(cfg, batch=2), predict_step(cfg, batch=8)
+    assert b8.breakdown["activations"] == pytest.approx(4 * b2.breakdown["activations"], rel=0.03)
+    assert b8.breakdown["weights"] == b2.breakdown["weights"]
+    for amp in ("16", "bf16"):
+        half = predict_step(cfg, batch=8, precision=amp)
+        # at width 4 the fp32 input and the int64 pooling indices are a large share: AMP saves ~20% here
+        assert half.peak_bytes - half.breakdown["cudnn_workspace"] < 0.9 * (b8.peak_bytes - 2**29)
+        assert half.breakdown["activations"] < 0.8 * b8.breakdown["activations"]
+        assert half.breakdown["amp_weight_copies"] > 0
+    assert predict_step(cfg, batch=8, precision="tf32").peak_bytes == b8.peak_bytes
+
+
+def test_cuda_autocast_keeps_instance_norm_in_half_where_cpu_autocast_would_not(tmp_path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_seg.plan.cuda_autocast import CudaAutocast
+
+    with FakeTensorMode():
+        conv, norm = torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, affine=True)
+        x = torch.randn(1, 1, 8, 8, 8)
+        with CudaAutocast(torch.float16):
+            y = norm(conv(x))
+            assert y.dtype == torch.float16  # CUDA: instance norm runs in its input's dtype
+            assert torch.softmax(y, 1).dtype == torch.float32  # fp32 list, via dtype=
+            assert (y**2).dtype == torch.float32  # pow: fp32 list
+            first = conv.weight  # the parameter's half copy is cached for the region
+            conv(x)
+        assert first.dtype == torch.float32
+
+
+def test_fit_mode_picks_the_largest_batch_whose_prediction_fits(tmp_path):
+    cfg = plan_config(tmp_path, "model.width=4", "task.patch_size=[32,32,32]", "data.samples_per_volume=1")
+    cfg.plan.cudnn_workspace_gib = 0.0  # the activations, not the fixed allowance, decide here
+    free = 3 * predict_step(cfg, batch=5).peak_bytes  # somewhere between batches, whatever they cost
+    batch, predicted = largest_batch(cfg, free, margin=0.1)
+    budget = free * 0.9
+    assert batch > 5
+    assert predicted == predict_step(cfg, batch=batch).peak_bytes <= budget
+    assert predict_step(cfg, batch=batch + 1).peak_bytes > budget
+    assert largest_batch(cfg, 1000, margin=0.1)[0] == 0  # nothing fits in a kilobyte
+
+
+def test_cli_writes_plan_json_with_peak_breakdown_sliding_window_and_fit_table(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "lightning_seg.plan", "model.width=4", "precision=16",
+            "plan.gpu_memory_gib=2", "plan.max_patch=128", f"hydra.run.dir={out}",
+            f"paths.data_dir={tmp_path / 'data'}",
+        ],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "plan.json").read_text())
+    assert result["peak_gib"] > 0 and result["precision"] == "16"
+    assert {"weights", "gradients", "optimizer", "activations", "transient"} <= result["breakdown_gib"].keys()
+    assert result["sliding_window"]["volume"] == [64, 64, 48]  # the synthetic task's cases
+    assert [r["precision"] for r in result["fit"]["rows"]] == ["32", "tf32", "16", "bf16"]
+    assert "predicted peak" in done.stdout and "largest batch" in done.stdout
+
+
+def test_an_unknown_card_is_one_error_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_seg.plan", "plan.gpu=GTX480", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "error: plan.gpu=GTX480: choose one of V100-16" in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["basic_unet", "dynunet", "monai_unet"])
+@pytest.mark.parametrize("precision", ["32", "16"])
+def test_prediction_matches_max_memory_allocated_on_the_gpu(tmp_path, model, precision):
+    from lightning_seg.plan.measure import measured_step_peak
+
+    cfg = plan_config(tmp_path, f"model={model}", "task.patch_size=[64,64,64]", f"precision={precision}")
+    predicted = predict_step(cfg).peak_bytes
+    measured = measured_step_peak(cfg)["peak_bytes"]  # from before the warm-up, as the references
+    assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def test_automatic_batch_needs_a_gpu_and_says_so(tmp_path):
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), "data.batch_size=auto"])
+    with pytest.raises(ConfigError, match="no GPU here: give a number"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_automatic_batch_records_prediction_and_measured_peak(tmp_path):
+    overrides = [*tiny_synthetic_overrides(), "hardware=gpu", "data.batch_size=auto", "trainer.max_epochs=1"]
+    train(compose_config(tmp_path, overrides))
+    auto = json.loads((tmp_path / "run" / "environment.json").read_text())["batch"]["auto"]
+    # 5 training cases: the batch the memory allows is capped at what the cases supply, and predicted again
+    assert auto["chosen"] >= auto["capped_by_cases"] == 10
+    assert 0 < auto["measured_train_peak_gib"] < auto["predicted_peak_gib"] <= auto["free_gib"]
