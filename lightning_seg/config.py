@@ -40,6 +40,12 @@ def deterministic_mode(reproducible: bool) -> bool | str:
     return "warn" if reproducible else False
 
 
+def epochs_within(max_epochs: int, max_time: str | None) -> int:
+    """The task's epoch cap, or none (-1) when a time budget is set: `trainer.max_time` then decides
+    when the run, and a budget-aware learning-rate schedule, end."""
+    return -1 if max_time else max_epochs
+
+
 def _register() -> None:
     resolvers = {
         "repo_root": repo_root,
@@ -48,6 +54,7 @@ def _register() -> None:
         "not": lambda value: not value,
         "deterministic_mode": deterministic_mode,
         "max": max,
+        "epochs_within": epochs_within,
         "trainer_precision": trainer_precision,
         "basename": lambda path: Path(path).name,
     }

@@ -1,5 +1,6 @@
 """`python -m lightning_seg.evaluate pred=DIR ref=DIR` or `ckpt_path=CKPT task_dir=TASK_DIR split=test`
-(console: lightning-seg-evaluate). Writes per_case.csv, summary.json and summary.md."""
+(`ckpt_path=[A,B,...]`: an ensemble) (console: lightning-seg-evaluate).
+Writes per_case.csv, summary.json and summary.md."""
 
 import json
 import logging
@@ -7,7 +8,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.msd import read_datalist, read_dataset_json
@@ -48,20 +49,23 @@ def labels_near(ref_dir: Path) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     with user_errors(cfg):  # a missing file or a bad option: one `error:` line, exit code 2
         return evaluate(cfg)
 
 
-def evaluate(cfg: DictConfig) -> float:
+def evaluate(cfg: DictConfig) -> float | None:
     output = Path(cfg.output or (Path(cfg.pred) / "evaluation" if cfg.pred else "evaluation"))
     output.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path:
         if not cfg.task_dir:
             raise ConfigError("ckpt_path needs task_dir=TASK_DIR (the MSD folder to predict and score)")
-        predictor = Predictor(cfg.ckpt_path, **cfg.predict)
+        # several checkpoints: an ensemble; the split comes from the first one's run (the folds of a
+        # cross-validation share their test cases)
+        checkpoints = list(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else [cfg.ckpt_path]
+        predictor = Predictor(checkpoints, **cfg.predict)
         labels = list(cfg.labels or predictor.labels)
-        cases = split_cases(cfg.ckpt_path, cfg.task_dir, cfg.split)
+        cases = split_cases(checkpoints[0], cfg.task_dir, cfg.split)
         start = time.perf_counter()
         predictions = predict_files(predictor, [Path(c["image"]) for c in cases], output / "predictions")
         seconds = time.perf_counter() - start
@@ -73,7 +77,8 @@ def evaluate(cfg: DictConfig) -> float:
             cfg.predict.mirror,
         )
         pairs = list(zip(predictions, [Path(c["label"]) for c in cases], strict=True))
-        title = f"{predictor.task['name']}: {Path(cfg.ckpt_path).name} on {len(cases)} '{cfg.split}' cases"
+        names = " + ".join(Path(c).name for c in checkpoints)
+        title = f"{predictor.task['name']}: {names} on {len(cases)} '{cfg.split}' cases"
     else:
         if not (cfg.pred and cfg.ref):
             raise ConfigError("give pred=DIR ref=DIR, or ckpt_path=CKPT task_dir=TASK_DIR")
@@ -90,10 +95,7 @@ def evaluate(cfg: DictConfig) -> float:
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     (output / "summary.md").write_text(summary_markdown(summary, title))
     log.info(
-        "foreground mean Dice %.4f over %d cases -> %s",
-        summary["foreground_mean_dice"],
-        len(per_case),
-        output,
+        "foreground mean Dice %s over %d cases -> %s", summary["foreground_mean_dice"], len(per_case), output
     )
     return summary["foreground_mean_dice"]
 

@@ -6,6 +6,7 @@ spatial preprocessing, so the label map lands on the input's own grid.
 """
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,12 +22,27 @@ from lightning_seg.precision import autocast
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
 
 
+# what every checkpoint of an ensemble must share: the input they read and the labels they write
+SHARED_TASK_KEYS = ("labels", "in_channels", "orientation", "spacing", "normalization", "crop_foreground")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(run config, network state dict) of a checkpoint written by training."""
+    checkpoint = load_checkpoint(path)  # older formats migrated, a newer one refused by name
+    config = checkpoint["hyper_parameters"].get("run_config")
+    if not config:
+        raise InputError(f"{path}: no run_config in the checkpoint (not written by lightning_seg training)")
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    return config, state
+
+
 class Predictor:
-    """Loads a checkpoint written by training and predicts whole volumes."""
+    """Loads a checkpoint written by training, or several (an ensemble: their class probabilities are
+    averaged, e.g. the folds of a cross-validation), and predicts whole volumes."""
 
     def __init__(
         self,
-        ckpt_path: str | Path,
+        ckpt_path: str | Path | Sequence[str | Path],
         device: str = "auto",
         precision: str | None = None,
         overlap: float = 0.5,
@@ -34,22 +50,28 @@ class Predictor:
         mirror: bool = False,
         stitch_on_cpu: bool | None = None,
     ) -> None:
-        checkpoint = load_checkpoint(ckpt_path)  # older formats migrated, a newer one refused by name
-        config = checkpoint["hyper_parameters"].get("run_config")
-        if not config:
-            raise InputError(
-                f"{ckpt_path}: no run_config in the checkpoint (not written by lightning_seg training)"
-            )
-        self.config, self.task = config, config["task"]
+        paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
+        if not paths:
+            raise InputError("ckpt_path: no checkpoint given")
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
-        self.net = instantiate(config["model"])
-        state = {
-            k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
-        }
-        self.net.load_state_dict(state)
-        self.net.to(self.device).eval()
+        checkpoints = [(path, *read_checkpoint(path)) for path in paths]
+        # preprocessing, precision and mirroring follow the first checkpoint
+        config = self.config = checkpoints[0][1]
+        self.task = config["task"]
+        for path, other, _ in checkpoints[1:]:
+            differing = [k for k in SHARED_TASK_KEYS if other["task"].get(k) != self.task.get(k)]
+            if differing:
+                raise InputError(
+                    f"{path}: cannot join the ensemble, its task differs from {paths[0]}'s in "
+                    + ", ".join(f"{k} ({other['task'].get(k)} != {self.task.get(k)})" for k in differing)
+                )
+        self.nets = []  # (network, its training patch) per checkpoint
+        for _, other, state in checkpoints:
+            net = instantiate(other["model"])
+            net.load_state_dict(state)
+            self.nets.append((net.to(self.device).eval(), list(other["task"]["patch_size"])))
         self.precision = str(precision if precision is not None else config["precision"])
         self.overlap, self.sw_batch_size, self.stitch_on_cpu = overlap, sw_batch_size, stitch_on_cpu
         data = config.get("data", {})
@@ -81,13 +103,21 @@ class Predictor:
                 f"{image_path}: {image.shape[0]} channel(s), the model was trained on "
                 f"{self.task['in_channels']}"
             )
-        passes = [self._probabilities(image[None], dims) for dims in self.flip_sets]
+        # every network sees every mirrored copy: one mean over all passes is the mean of the
+        # networks' mirrored means
+        passes = [
+            self._probabilities(image[None], dims, net, patch)
+            for net, patch in self.nets
+            for dims in self.flip_sets
+        ]
         probabilities = torch.stack(passes).mean(0)
         data["probabilities"] = image.clone().set_array(probabilities[0])  # carries the preprocessing history
         probabilities = self.invert(data)["probabilities"].as_tensor()
         return probabilities.argmax(0).to(torch.uint8), probabilities
 
-    def _probabilities(self, image: torch.Tensor, flip_dims: tuple[int, ...]) -> torch.Tensor:
+    def _probabilities(
+        self, image: torch.Tensor, flip_dims: tuple[int, ...], net: torch.nn.Module, patch: list[int]
+    ) -> torch.Tensor:
         x = image.as_tensor().flip(flip_dims) if flip_dims else image.as_tensor()
         stitch = self.stitch_on_cpu
         if stitch is None:
@@ -95,9 +125,9 @@ class Predictor:
         with autocast(self.precision, self.device):
             logits = sliding_window_inference(
                 x,
-                roi_size=self.task["patch_size"],
+                roi_size=patch,
                 sw_batch_size=self.sw_batch_size,
-                predictor=self.net,
+                predictor=net,
                 overlap=self.overlap,
                 mode="gaussian",
                 sw_device=self.device,

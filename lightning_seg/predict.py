@@ -1,5 +1,5 @@
 """`python -m lightning_seg.predict ckpt_path=CKPT input=FILE_OR_DIR output=DIR`
-(console: lightning-seg-predict)."""
+(`ckpt_path=[A,B,...]`: an ensemble averaging their probabilities) (console: lightning-seg-predict)."""
 
 import logging
 import time

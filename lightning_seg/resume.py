@@ -27,6 +27,8 @@ FIXED_KEYS = (
     "data.val_fraction",
     "data.test_fraction",
     "data.split_seed",
+    "data.num_folds",
+    "data.fold",
     "task.msd_folder",
     "task.patch_size",
     "task.labels",

@@ -1,7 +1,9 @@
 """Per-case segmentation scores (Dice, 95% Hausdorff distance in mm, volumes) and their summary.
 
-Empty structures follow one documented rule, so every case gets a number for every label:
-- reference and prediction both empty: Dice 1, HD95 0 (nothing to find, nothing found);
+Empty structures follow the rule training's `val/dice` uses (torchmetrics' DiceScore), as nnU-Net does:
+- reference and prediction both empty: no score (NaN), left out of that label's mean, so a label a
+  case does not have neither inflates nor lowers the result; a label no case has is left out of the
+  foreground mean;
 - exactly one of them empty: Dice 0, HD95 = the image diagonal in mm (the worst possible
   distance), so a missed or hallucinated structure is penalised rather than dropped.
 """
@@ -24,7 +26,7 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing, labels: list[str]) ->
         p, r = pred == value, ref == value
         n_p, n_r = int(p.sum()), int(r.sum())
         if n_p == 0 and n_r == 0:
-            dice, hd95 = 1.0, 0.0
+            dice = hd95 = float("nan")
         elif n_p == 0 or n_r == 0:
             dice, hd95 = 0.0, diagonal_mm
         else:
@@ -67,40 +69,51 @@ def score_files(pairs: list[tuple[Path, Path]], labels: list[str]) -> pd.DataFra
 
 
 def summarize(per_case: pd.DataFrame, labels: list[str]) -> dict:
-    """Mean, std, median per label and metric; foreground mean Dice over labels."""
+    """Mean, std, median per label and metric over the cases that score it (`scored`); foreground
+    mean over the labels some case scores. No score at all is None (null in JSON)."""
     summary: dict = {"cases": len(per_case), "labels": {}}
     for name in labels[1:]:
-        summary["labels"][name] = {
+        summary["labels"][name] = {"scored": int(per_case[f"dice_{name}"].notna().sum())} | {
             metric: {
-                "mean": float(per_case[f"{metric}_{name}"].mean()),
-                "std": float(per_case[f"{metric}_{name}"].std(ddof=0)),
-                "median": float(per_case[f"{metric}_{name}"].median()),
+                "mean": _number(per_case[f"{metric}_{name}"].mean()),
+                "std": _number(per_case[f"{metric}_{name}"].std(ddof=0)),
+                "median": _number(per_case[f"{metric}_{name}"].median()),
             }
             for metric in ("dice", "hd95")
         }
-    dice_means = [s["dice"]["mean"] for s in summary["labels"].values()]
-    summary["foreground_mean_dice"] = float(np.mean(dice_means))
-    summary["foreground_mean_hd95"] = float(np.mean([s["hd95"]["mean"] for s in summary["labels"].values()]))
+    for metric in ("dice", "hd95"):
+        means = [s[metric]["mean"] for s in summary["labels"].values() if s[metric]["mean"] is not None]
+        summary[f"foreground_mean_{metric}"] = float(np.mean(means)) if means else None
     return summary
+
+
+def _number(value: float) -> float | None:
+    return None if pd.isna(value) else float(value)
 
 
 def summary_markdown(summary: dict, title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        f"{summary['cases']} cases. Dice and HD95 (mm) per label: mean ± std (median).",
+        f"{summary['cases']} cases. Dice and HD95 (mm) per label: mean ± std (median), over the cases "
+        "that have the label in the reference or the prediction (scored).",
         "",
-        "| label | Dice | HD95 (mm) |",
-        "| --- | --- | --- |",
+        "| label | scored | Dice | HD95 (mm) |",
+        "| --- | --- | --- | --- |",
     ]
     for name, s in summary["labels"].items():
         d, h = s["dice"], s["hd95"]
         lines.append(
-            f"| {name} | {d['mean']:.4f} ± {d['std']:.4f} ({d['median']:.4f}) "
-            f"| {h['mean']:.2f} ± {h['std']:.2f} ({h['median']:.2f}) |"
+            f"| {name} | {s['scored']} | {_text(d['mean'], '.4f')} ± {_text(d['std'], '.4f')} "
+            f"({_text(d['median'], '.4f')}) | {_text(h['mean'], '.2f')} ± {_text(h['std'], '.2f')} "
+            f"({_text(h['median'], '.2f')}) |"
         )
     lines.append(
-        f"| **foreground mean** | **{summary['foreground_mean_dice']:.4f}** "
-        f"| {summary['foreground_mean_hd95']:.2f} |"
+        f"| **foreground mean** | | **{_text(summary['foreground_mean_dice'], '.4f')}** "
+        f"| {_text(summary['foreground_mean_hd95'], '.2f')} |"
     )
     return "\n".join(lines) + "\n"
+
+
+def _text(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -76,7 +76,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_for_prediction
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not [k for k in state if "_orig_mod" in k]
     predictor = Predictor(ckpt, device="cpu")  # strict load_state_dict: every key matches
-    weights = {f"net.{k}": v for k, v in predictor.net.state_dict().items()}
+    weights = {f"net.{k}": v for k, v in predictor.nets[0][0].state_dict().items()}
     assert all(torch.equal(weights[k], v) for k, v in state.items() if k.startswith("net."))
 
 

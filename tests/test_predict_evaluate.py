@@ -150,8 +150,8 @@ def test_scores_match_hand_computation():
     # distances prediction->reference {0}, reference->prediction {0, 2 mm}: 95th percentile 1.9 mm
     assert scores["hd95_one"] == pytest.approx(np.percentile([0.0, 2.0], 95))
     assert scores["dice_two"] == 0.0 and scores["hd95_two"] == pytest.approx(3 * 2.0)
-    # label 3 absent from both: a true negative scores perfectly
-    assert scores["dice_three"] == 1.0 and scores["hd95_three"] == 0.0
+    # label 3 absent from both: no score, left out of the means (as val/dice and nnU-Net do)
+    assert math.isnan(scores["dice_three"]) and math.isnan(scores["hd95_three"])
     assert scores["ref_ml_one"] == pytest.approx(2 * 2.0 / 1000) and scores["pred_ml_two"] == pytest.approx(
         0.002
     )

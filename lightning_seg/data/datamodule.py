@@ -17,6 +17,7 @@ from monai.data import (
     ThreadDataLoader,
     partition_dataset,
 )
+from monai.transforms import MapTransform
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DistributedSampler
@@ -69,9 +70,12 @@ class MSDDataModule(LightningDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.0,
         split_seed: int = 0,
+        num_folds: int = 0,
+        fold: int = 0,
         prep_workers: int = 2,
         crop_centres_per_class: int = 10000,
         cache_shard_per_rank: bool = False,
+        augmentation: Sequence[MapTransform] = (),
         split: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
     ) -> None:
         super().__init__()
@@ -99,7 +103,9 @@ class MSDDataModule(LightningDataModule):
         self.num_workers, self.prep_workers = num_workers, prep_workers
         self.crop_centres_per_class = crop_centres_per_class
         self.cache_shard_per_rank = cache_shard_per_rank
+        self.augmentation = list(augmentation)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.num_folds, self.fold = num_folds, fold
         self.split = split
         self.train_cases: list[dict[str, str]] = []
         self.val_cases: list[dict[str, str]] = []
@@ -148,7 +154,7 @@ class MSDDataModule(LightningDataModule):
             self.train_cases, self.val_cases, self.test_cases = given_split(cases, self.split, self.task_dir)
         else:
             self.train_cases, self.val_cases, self.test_cases = split_cases(
-                cases, self.val_fraction, self.test_fraction, self.split_seed
+                cases, self.val_fraction, self.test_fraction, self.split_seed, self.num_folds, self.fold
             )
 
     def check_processes(self, world_size: int) -> None:
@@ -194,6 +200,7 @@ class MSDDataModule(LightningDataModule):
             self.flip_axes,
             self.crop_centres_per_class,
             device,
+            self.augmentation,
         )
         self.train_set = self._dataset(train_cases, train_tf, self.cache, "train")
 
@@ -264,15 +271,22 @@ class MSDDataModule(LightningDataModule):
         return LOADERS[loader](dataset, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
 
 
-def split_cases(cases: list, val_fraction: float, test_fraction: float, seed: int) -> tuple[list, list, list]:
+def split_cases(
+    cases: list, val_fraction: float, test_fraction: float, seed: int, num_folds: int = 0, fold: int = 0
+) -> tuple[list, list, list]:
     """Seeded shuffle into (train, val, test): `test_fraction` of the cases are held out of
     everything, `val_fraction` (at least one) validate. A single-case folder validates on
-    its training case."""
+    its training case.
+
+    `num_folds` > 0: after the same test cases are held out, the rest is cut into that many seeded
+    folds (sizes differ by one at most); fold `fold` validates and the others train."""
     if len(cases) == 1:
         log.warning("only one case: validating on the training case")
         return cases, cases, []
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     n_test = round(test_fraction * len(cases))
+    if num_folds:
+        return _fold(order[n_test:], num_folds, fold) + (order[:n_test],)
     n_val = max(1, round(val_fraction * len(cases)))
     if n_test + n_val >= len(cases):
         raise ConfigError(
@@ -280,6 +294,19 @@ def split_cases(cases: list, val_fraction: float, test_fraction: float, seed: in
             f"training case of {len(cases)}"
         )
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
+
+
+def _fold(cases: list, num_folds: int, fold: int) -> tuple[list, list]:
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"data.fold={fold}: choose 0 to {num_folds - 1} for data.num_folds={num_folds}")
+    if num_folds < 2 or num_folds > len(cases):
+        raise ConfigError(
+            f"data.num_folds={num_folds}: needs 2 to {len(cases)} (the cases left after the test cases)"
+        )
+    folds = np.array_split(np.arange(len(cases)), num_folds)
+    val = [cases[i] for i in folds[fold]]
+    train = [cases[i] for k, indices in enumerate(folds) if k != fold for i in indices]
+    return train, val
 
 
 def given_split(cases: list, split: Mapping, task_dir: Path) -> tuple[list, list, list]:

@@ -77,9 +77,11 @@ def train_transforms(
     flip_axes: Sequence[int],
     crop_centres_per_class: int,
     device: torch.device | None = None,
+    augmentation: Sequence[T.MapTransform] = (),
 ) -> T.Compose:
     """Cached preprocessing, padding and patch-centre candidates (on `device`), then class-aware
-    random patches and augmentation."""
+    random patches, the recipe's `augmentation` (spatial and intensity MONAI transforms, on each
+    patch), and with `augment` the mirroring and intensity jitter."""
     patch, num_classes = task["patch_size"], len(task["labels"])
     cached = [
         *preprocessing(task, crop_foreground=task["crop_foreground"]),
@@ -105,6 +107,7 @@ def train_transforms(
             warn=False,
         ),
     ]
+    random += augmentation
     if augment:
         random += [T.RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in flip_axes]
         random += [
