@@ -110,7 +110,7 @@ def test_evaluate_and_val_dice_agree_on_a_case_without_one_label(tmp_path):
 
 
 def test_nnunet_recipe_trains_on_augmented_patches(tmp_path):
-    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), "recipe=nnunet", "trainer.max_steps=3"])
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), "recipe=nnunet", "trainer.max_epochs=1"])
     assert cfg.loss._target_ == "monai.losses.DiceCELoss" and cfg.trainer.gradient_clip_val == 12
     metrics, objects = train(cfg)
     datamodule = objects["datamodule"]
