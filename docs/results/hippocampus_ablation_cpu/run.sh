@@ -6,6 +6,7 @@
 set -euo pipefail
 out=${1:?output dir}
 budget=${2:-00:00:10:00}
+mkdir -p "$out"
 data=${DATA_DIR:-../shared/data}
 common=(task=hippocampus "paths.data_dir=$data" data.test_fraction=0.2 "trainer.max_time=$budget"
         trainer.enable_progress_bar=false)
