@@ -65,6 +65,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         checkpoints = list(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else [cfg.ckpt_path]
         predictor = Predictor(checkpoints, **cfg.predict)
         labels = list(cfg.labels or predictor.labels)
+        regions = cfg.regions or predictor.task.get("regions")
         cases = split_cases(checkpoints[0], cfg.task_dir, cfg.split)
         start = time.perf_counter()
         predictions = predict_files(predictor, [Path(c["image"]) for c in cases], output / "predictions")
@@ -88,9 +89,11 @@ def evaluate(cfg: DictConfig) -> float | None:
         if missing:
             raise MissingFileError(f"no reference for {len(missing)} prediction(s): {', '.join(missing[:5])}")
         labels = list(cfg.labels or labels_near(ref_dir))
+        regions = cfg.regions
         title = f"{cfg.pred} against {cfg.ref}"
-    per_case = score_files(pairs, labels)
-    summary = summarize(per_case, labels)
+    regions = OmegaConf.to_container(regions) if OmegaConf.is_config(regions) else regions
+    per_case = score_files(pairs, labels, regions)
+    summary = summarize(per_case, labels, regions)
     per_case.to_csv(output / "per_case.csv", index=False)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     (output / "summary.md").write_text(summary_markdown(summary, title))

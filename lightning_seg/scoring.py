@@ -1,5 +1,9 @@
 """Per-case segmentation scores (Dice, 95% Hausdorff distance in mm, volumes) and their summary.
 
+What is scored: each foreground label, or, for a task the literature scores by regions (unions of
+labels: brain_tumour's whole tumour, tumour core and enhancing tumour, `task.regions`), the regions.
+Training's `val/dice` scores the same structures (`structure_masks` builds both).
+
 Empty structures follow the rule training's `val/dice` uses (torchmetrics' DiceScore), as nnU-Net does:
 - reference and prediction both empty: no score (NaN), left out of that label's mean, so a label a
   case does not have neither inflates nor lowers the result; a label no case has is left out of the
@@ -16,14 +20,37 @@ import pandas as pd
 import torch
 from monai.metrics import compute_hausdorff_distance
 
+Regions = dict[str, list[int]]  # region name -> the label values it unites
 
-def score_case(pred: np.ndarray, ref: np.ndarray, spacing, labels: list[str]) -> dict[str, float]:
-    """Scores of one case for every foreground label (labels[0] is background)."""
+
+def scored_structures(labels: list[str], regions: Regions | None = None) -> Regions:
+    """Name -> label values of what is scored: the regions when given, else each foreground label
+    (labels[0] is background)."""
+    if regions:
+        return {str(name): [int(v) for v in values] for name, values in regions.items()}
+    return {name: [value] for value, name in enumerate(labels[1:], start=1)}
+
+
+def structure_masks(index_map: torch.Tensor, structures: Regions) -> torch.Tensor:
+    """(batch, structures, *spatial) masks of a (batch, *spatial) label map."""
+    return torch.stack(
+        [
+            torch.isin(index_map, torch.tensor(values, device=index_map.device))
+            for values in structures.values()
+        ],
+        dim=1,
+    )
+
+
+def score_case(
+    pred: np.ndarray, ref: np.ndarray, spacing, labels: list[str], regions: Regions | None = None
+) -> dict[str, float]:
+    """Scores of one case for every scored structure (`scored_structures`)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     diagonal_mm = float(np.linalg.norm(np.array(ref.shape) * np.array(spacing)))
     scores = {}
-    for value, name in enumerate(labels[1:], start=1):
-        p, r = pred == value, ref == value
+    for name, values in scored_structures(labels, regions).items():
+        p, r = np.isin(pred, values), np.isin(ref, values)
         n_p, n_r = int(p.sum()), int(r.sum())
         if n_p == 0 and n_r == 0:
             dice = hd95 = float("nan")
@@ -50,7 +77,9 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing, labels: list[str]) ->
     return scores
 
 
-def score_files(pairs: list[tuple[Path, Path]], labels: list[str]) -> pd.DataFrame:
+def score_files(
+    pairs: list[tuple[Path, Path]], labels: list[str], regions: Regions | None = None
+) -> pd.DataFrame:
     """One row per (prediction, reference) pair of NIfTI label maps on the same grid."""
     rows = []
     for pred_path, ref_path in pairs:
@@ -64,15 +93,18 @@ def score_files(pairs: list[tuple[Path, Path]], labels: list[str]) -> pd.DataFra
             raise ValueError(f"{pred_path}: affine differs from the reference's ({ref_path})")
         pred = np.rint(np.asanyarray(pred_img.dataobj)).astype(np.int64)
         ref = np.rint(np.asanyarray(ref_img.dataobj)).astype(np.int64)
-        rows.append({"case": ref_path.name, **score_case(pred, ref, ref_img.header.get_zooms()[:3], labels)})
+        rows.append(
+            {"case": ref_path.name, **score_case(pred, ref, ref_img.header.get_zooms()[:3], labels, regions)}
+        )
     return pd.DataFrame(rows)
 
 
-def summarize(per_case: pd.DataFrame, labels: list[str]) -> dict:
-    """Mean, std, median per label and metric over the cases that score it (`scored`); foreground
-    mean over the labels some case scores. No score at all is None (null in JSON)."""
-    summary: dict = {"cases": len(per_case), "labels": {}}
-    for name in labels[1:]:
+def summarize(per_case: pd.DataFrame, labels: list[str], regions: Regions | None = None) -> dict:
+    """Mean, std, median per scored structure and metric over the cases that score it (`scored`);
+    foreground mean over the structures some case scores. No score at all is None (null in JSON).
+    `labels` holds the structures (the regions when the task has them: `scored_by`)."""
+    summary: dict = {"cases": len(per_case), "scored_by": "regions" if regions else "labels", "labels": {}}
+    for name in scored_structures(labels, regions):
         summary["labels"][name] = {"scored": int(per_case[f"dice_{name}"].notna().sum())} | {
             metric: {
                 "mean": _number(per_case[f"{metric}_{name}"].mean()),
@@ -92,13 +124,14 @@ def _number(value: float) -> float | None:
 
 
 def summary_markdown(summary: dict, title: str) -> str:
+    kind = "region" if summary.get("scored_by") == "regions" else "label"
     lines = [
         f"# {title}",
         "",
-        f"{summary['cases']} cases. Dice and HD95 (mm) per label: mean ± std (median), over the cases "
-        "that have the label in the reference or the prediction (scored).",
+        f"{summary['cases']} cases. Dice and HD95 (mm) per {kind}: mean ± std (median), over the cases "
+        f"that have the {kind} in the reference or the prediction (scored).",
         "",
-        "| label | scored | Dice | HD95 (mm) |",
+        f"| {kind} | scored | Dice | HD95 (mm) |",
         "| --- | --- | --- | --- |",
     ]
     for name, s in summary["labels"].items():

@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             logger.experiment.define_metric("val/*", step_metric="time/train_s")
     try:
         with warnings.catch_warnings():
+            # Lightning 2.6's own _pytree uses torch's deprecated LeafSpec: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             if resume is not None:
                 for message in RESUME_WARNINGS:
                     warnings.filterwarnings("ignore", message=message)

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.errors import ConfigError
+from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.plan import largest_batch, predict_step
 from lightning_seg.plan.step import build_optimizer
 from lightning_seg.training import train
@@ -41,7 +42,7 @@ def profiled_step_peak(cfg: DictConfig) -> int:
     label = torch.randint(0, len(cfg.task.labels), (batch, 1, *patch)).float()
 
     def step():
-        loss = loss_fn(net(image).float(), label)
+        loss = segmentation_loss(loss_fn, net(image).float(), label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         del loss

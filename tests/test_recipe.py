@@ -79,8 +79,10 @@ def test_ensemble_of_two_checkpoints_averages_their_probabilities(tmp_path):
     assert torch.equal(labels, both.argmax(0).to(torch.uint8))
 
 
-def test_evaluate_and_val_dice_agree_on_a_case_without_one_label(tmp_path):
-    """Case 1 has no organ_b in reference or prediction: both leave it out of organ_b's mean."""
+@pytest.mark.parametrize("regions", [None, {"tumour": [1, 2], "core": [2]}], ids=["labels", "regions"])
+def test_evaluate_and_val_dice_agree_on_a_case_without_one_label(tmp_path, regions):
+    """Case 1 has no organ_b in reference or prediction: both leave it out of organ_b's mean (or
+    the region holding only organ_b); with regions both score the unions of labels."""
     ref1 = np.zeros((8, 8, 8), np.uint8)
     ref1[:4] = 1
     pred1 = ref1.copy()
@@ -96,17 +98,25 @@ def test_evaluate_and_val_dice_agree_on_a_case_without_one_label(tmp_path):
             nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / kind / f"case_{i}.nii.gz")
         pairs.append((tmp_path / "pred" / f"case_{i}.nii.gz", tmp_path / "ref" / f"case_{i}.nii.gz"))
     labels = ["background", "organ_a", "organ_b"]
-    summary = summarize(score_files(pairs, labels), labels)
+    summary = summarize(score_files(pairs, labels, regions), labels, regions)
 
-    module = instantiate(compose_config(tmp_path, tiny_synthetic_overrides()).module)  # training's metric
+    as_override = f"+task.regions={regions}".replace("'", "")
+    overrides = tiny_synthetic_overrides() + ([as_override] if regions else [])
+    module = instantiate(compose_config(tmp_path, overrides).module)  # training's metric
     for pred, ref in [(pred1, ref1), (pred2, ref2)]:
-        module.val_dice.update(torch.from_numpy(pred)[None].long(), torch.from_numpy(ref)[None].long())
-    per_label = module.val_dice.compute()
-    assert summary["labels"]["organ_b"]["scored"] == 1
-    assert summary["labels"]["organ_b"]["dice"]["mean"] == pytest.approx(float(per_label[1]))
-    assert summary["labels"]["organ_a"]["dice"]["mean"] == pytest.approx(float(per_label[0]))
-    assert summary["foreground_mean_dice"] == pytest.approx(float(per_label.nanmean()))
-    assert not math.isclose(summary["labels"]["organ_b"]["dice"]["mean"], 0.75)  # not counted as 1
+        module.update_val_dice(torch.from_numpy(pred)[None].long(), torch.from_numpy(ref)[None].long())
+    per_structure = module.val_dice.compute()
+    first, second = regions or ["organ_a", "organ_b"]
+    assert list(summary["labels"]) == [first, second] == list(module.structures)
+    assert summary["labels"][second]["scored"] == 1
+    assert summary["labels"][second]["dice"]["mean"] == pytest.approx(float(per_structure[1]))
+    assert summary["labels"][first]["dice"]["mean"] == pytest.approx(float(per_structure[0]))
+    assert summary["foreground_mean_dice"] == pytest.approx(float(per_structure.nanmean()))
+    assert not math.isclose(summary["labels"][second]["dice"]["mean"], 0.75)  # not counted as 1
+    if regions:  # by hand, in slices: tumour 3 of 4 and 3 (pred) -> 6/7; 3 of 4 and 5 -> 6/9
+        assert summary["scored_by"] == "regions"
+        assert summary["labels"]["tumour"]["dice"]["mean"] == pytest.approx((6 / 7 + 6 / 9) / 2)
+        assert summary["labels"]["core"]["dice"]["mean"] == pytest.approx(0.5)
 
 
 def test_nnunet_recipe_trains_on_augmented_patches(tmp_path):

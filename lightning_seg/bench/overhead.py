@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.environment import environment_info
+from lightning_seg.model.deep_supervision import segmentation_loss
 
 
 class BatchStartTimes(Callback):
@@ -46,7 +47,7 @@ def plain_loop(cfg, datamodule, steps: int) -> list[float]:
             if len(starts) == steps:
                 break
             optimizer.zero_grad()
-            loss = loss_fn(net(batch["image"]), batch["label"])
+            loss = segmentation_loss(loss_fn, net(batch["image"]), batch["label"])
             loss.backward()
             optimizer.step()
     return starts

@@ -24,7 +24,9 @@ class ModelCard(Callback):
         card = {
             "name": f"lightning_seg {task.get('name')} {network}",
             "checkpoint": Path(checkpoint.best_model_path).name,
-            "task": {k: task.get(k) for k in ("name", "msd_folder", "modality", "in_channels", "labels")},
+            "task": {
+                k: task.get(k) for k in ("name", "msd_folder", "modality", "in_channels", "labels", "regions")
+            },
             "preprocessing": {k: task.get(k) for k in ("orientation", "spacing", "normalization")},
             "patch_size": task.get("patch_size"),
             "network": config.get("model"),

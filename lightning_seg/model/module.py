@@ -14,6 +14,8 @@ from torchmetrics.segmentation import DiceScore
 from lightning_seg.callbacks.amp_guard import grad_scaler, loss_scale
 from lightning_seg.checkpoint_format import stamp, upgrade
 from lightning_seg.model.compile import compile_unavailable_reason
+from lightning_seg.model.deep_supervision import segmentation_loss
+from lightning_seg.scoring import Regions, scored_structures, structure_masks
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +23,11 @@ log = logging.getLogger(__name__)
 class SegmentationModule(LightningModule):
     """Train on random patches, validate on whole volumes.
 
-    Logs `train/loss`, `val/dice` (mean over foreground labels, cases averaged per label)
-    and `val/dice_<label>`. The scheduler steps per `scheduler_interval` ("epoch" or "step"); under fp16
-    AMP a step whose update the grad scaler skipped does not advance a step-interval scheduler.
+    Logs `train/loss`, `val/dice` (mean over the scored structures, cases averaged per structure)
+    and `val/dice_<structure>`: the foreground labels, or the task's `regions` (unions of labels,
+    e.g. brain_tumour's whole tumour / tumour core / enhancing tumour), as `evaluate` scores them.
+    The scheduler steps per `scheduler_interval` ("epoch" or "step"); under fp16 AMP a step whose
+    update the grad scaler skipped does not advance a step-interval scheduler.
     Checkpoints carry their format version (`lightning_seg.checkpoint_format`); a resume migrates
     older ones and refuses newer ones.
     """
@@ -44,6 +48,7 @@ class SegmentationModule(LightningModule):
         channels_last_3d: bool = False,
         fused_adam: bool = True,
         scheduler_interval: str = "epoch",
+        regions: Regions | None = None,
     ) -> None:
         super().__init__()
         # plain data only, so checkpoints load with torch.load(weights_only=True); run_config (the
@@ -52,8 +57,9 @@ class SegmentationModule(LightningModule):
         self.net, self.loss = net, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.labels = list(labels)
+        self.structures = scored_structures(self.labels, regions)
         self.val_dice = DiceScore(
-            num_classes=len(self.labels), include_background=False, average="none", input_format="index"
+            num_classes=len(self.structures), include_background=True, average="none", input_format="one-hot"
         )
         self.memory_format = torch.channels_last_3d if channels_last_3d else torch.contiguous_format
         # what the fast-path switches became on this machine (environment.json records it)
@@ -83,7 +89,7 @@ class SegmentationModule(LightningModule):
     def compute_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # nnU-Net's AMP hygiene: softmax and the Dice sums over a whole patch stay in fp32
         with torch.autocast(logits.device.type, enabled=False):
-            return self.loss(logits.float(), target)
+            return segmentation_loss(self.loss, logits.float(), target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(self(batch["image"]), batch["label"])
@@ -112,17 +118,22 @@ class SegmentationModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prediction = self.predict_volume(batch["image"]).argmax(1)
-        self.val_dice.update(prediction, batch["label"][:, 0].long())
+        self.update_val_dice(prediction, batch["label"][:, 0].long())
         return prediction  # for callbacks (callbacks.val_images draws it)
 
+    def update_val_dice(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
+        """Add (batch, *spatial) label maps to the Dice of each scored structure."""
+        masks = [structure_masks(labels, self.structures) for labels in (prediction, reference)]
+        self.val_dice.update(*masks)
+
     def on_validation_epoch_end(self) -> None:
-        per_label = self.val_dice.compute().reshape(-1)  # 0-d when there is one foreground label
+        per_structure = self.val_dice.compute().reshape(-1)  # 0-d when one structure is scored
         self.val_dice.reset()
-        # a label absent from every case (and never predicted) is NaN and left out of the mean. The
+        # a structure absent from every case (and never predicted) is NaN and left out of the mean. The
         # values are already over every process's cases (torchmetrics gathers them): sync_dist averages
         # equal numbers and only says so to Lightning
-        self.log("val/dice", per_label.nanmean(), prog_bar=True, sync_dist=True)
-        for name, value in zip(self.labels[1:], per_label, strict=True):
+        self.log("val/dice", per_structure.nanmean(), prog_bar=True, sync_dist=True)
+        for name, value in zip(self.structures, per_structure, strict=True):
             self.log(f"val/dice_{name}", value, sync_dist=True)
 
     def configure_optimizers(self) -> dict:

@@ -1,28 +1,65 @@
-"""Network builders with a width knob; depth follows the patch size.
+"""Network builders with a width knob; depth follows the patch and the voxel spacing.
 
-MONAI's constructors take explicit channel lists and strides. These builders derive them,
-nnU-Net style, from the patch (down-sample a dimension only while it stays even and at
-least 4 voxels), so one `width` scales a network for a CPU test or a GPU study.
+MONAI's constructors take explicit channel lists, strides and kernel sizes. These builders derive
+them as nnU-Net's planner does (nnunetv2 `get_pool_and_conv_props`), so one `width` scales a network
+for a CPU test or a GPU study, and an anisotropic task (prostate: 0.625 x 0.625 x 3.6 mm) keeps its
+thick axis until the others have caught up with its spacing.
 """
 
+import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from monai.networks.nets import BasicUNet, DynUNet, UNet
 from torch import nn
 
 from lightning_seg.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
-def pooling_strides(patch_size: Sequence[int], max_downsamplings: int, min_size: int = 4) -> list[tuple]:
-    """Per-level strides (2 or 1 per dimension) that the patch allows."""
-    size, strides = list(patch_size), []
-    for _ in range(max_downsamplings):
-        stride = tuple(2 if n % 2 == 0 and n // 2 >= min_size else 1 for n in size)
-        if stride == (1,) * len(size):
+
+class Topology(NamedTuple):
+    """Per-level strides (2 or 1 per axis) and per-level convolution kernel sizes (3 or 1 per axis),
+    one more kernel than strides: the bottleneck's."""
+
+    strides: list[tuple[int, ...]]
+    kernels: list[tuple[int, ...]]
+
+
+def plan_topology(
+    patch_size: Sequence[int],
+    max_downsamplings: int,
+    spacing: Sequence[float] | None = None,
+    min_size: int = 4,
+) -> Topology:
+    """nnU-Net's rule: an axis is down-sampled while its feature map stays at least `min_size` voxels
+    and its (current) spacing is within 2x of the finest valid axis'; a lone axis needs 3 * min_size.
+    A convolution kernel is 1 along an axis whose spacing is still 2x the finest or more, 3 once it
+    is not. One difference: nnU-Net pads the patch to a multiple of 2^pools; here an odd size stops
+    that axis, so the configured patch is what the network sees. `spacing=None`: isotropic."""
+    size = [int(n) for n in patch_size]
+    current = [1.0] * len(size) if spacing is None else [float(s) for s in spacing]
+    if len(current) != len(size):
+        raise ConfigError(f"model spacing {list(current)} and patch {size} have different dimensions")
+    strides: list[tuple[int, ...]] = []
+    kernels: list[tuple[int, ...]] = []
+    kernel = [1] * len(size)
+    while len(strides) < max_downsamplings:
+        room = [d for d, n in enumerate(size) if n % 2 == 0 and n // 2 >= min_size]
+        if not room:
             break
-        strides.append(stride)
-        size = [n // s for n, s in zip(size, stride, strict=True)]
-    return strides
+        finest = min(current[d] for d in room)
+        axes = [d for d in room if current[d] / finest < 2]
+        if len(axes) == 1 and size[axes[0]] < 3 * min_size:
+            break
+        kernel = [3 if k == 3 or current[d] / min(current) < 2 else 1 for d, k in enumerate(kernel)]
+        kernels.append(tuple(kernel))
+        strides.append(tuple(2 if d in axes else 1 for d in range(len(size))))
+        for d in axes:
+            size[d] //= 2
+            current[d] *= 2
+    kernels.append((3,) * len(size))
+    return Topology(strides, kernels)
 
 
 def basic_unet(in_channels: int, out_channels: int, patch_size: Sequence[int], width: int = 32) -> nn.Module:
@@ -39,9 +76,16 @@ def basic_unet(in_channels: int, out_channels: int, patch_size: Sequence[int], w
     return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, features=features)
 
 
-def monai_unet(in_channels: int, out_channels: int, patch_size: Sequence[int], width: int = 16) -> nn.Module:
-    """MONAI's tutorial UNet (residual units, batch norm), up to 4 down-samplings."""
-    strides = pooling_strides(patch_size, max_downsamplings=4)
+def monai_unet(
+    in_channels: int,
+    out_channels: int,
+    patch_size: Sequence[int],
+    width: int = 16,
+    spacing: Sequence[float] | None = None,
+) -> nn.Module:
+    """MONAI's tutorial UNet (residual units, batch norm), up to 4 down-samplings planned from the
+    spacing (its 3^3 kernels are fixed: MONAI's UNet has one kernel size for every level)."""
+    strides = plan_topology(patch_size, max_downsamplings=4, spacing=spacing).strides
     channels = [width * 2**level for level in range(len(strides) + 1)]
     return UNet(
         spatial_dims=3,
@@ -55,19 +99,41 @@ def monai_unet(in_channels: int, out_channels: int, patch_size: Sequence[int], w
 
 
 def dynunet(
-    in_channels: int, out_channels: int, patch_size: Sequence[int], width: int = 32, max_features: int = 320
+    in_channels: int,
+    out_channels: int,
+    patch_size: Sequence[int],
+    width: int = 32,
+    max_features: int = 320,
+    spacing: Sequence[float] | None = None,
+    deep_supervision: bool = False,
 ) -> nn.Module:
-    """nnU-Net's plain U-Net (instance norm, no deep supervision), up to 5 down-samplings."""
-    strides = pooling_strides(patch_size, max_downsamplings=5)
+    """nnU-Net's plain U-Net (instance norm), up to 5 down-samplings, strides and kernels planned from
+    the spacing. `deep_supervision`: as nnU-Net, a loss on every decoder resolution but the lowest; in
+    training the network then returns (batch, outputs, classes, *patch), the lower-resolution outputs
+    up-sampled to the patch (MONAI), the full-resolution one first; in eval mode only that one."""
+    topology = plan_topology(patch_size, max_downsamplings=5, spacing=spacing)
+    strides = topology.strides
     filters = [min(width * 2**level, max_features) for level in range(len(strides) + 1)]
+    # MONAI's heads sit at the decoder resolutions below the full one; nnU-Net gives its lowest decoder
+    # output weight 0, so: one head fewer than the up-sampling layers below the full resolution
+    heads = len(strides) - 2 if deep_supervision else 0
+    if deep_supervision and heads < 1:
+        log.warning(
+            "model.deep_supervision=true, but the patch %s allows %d down-sampling(s) and deep "
+            "supervision needs 3: training without it",
+            list(patch_size),
+            len(strides),
+        )
     return DynUNet(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,
-        kernel_size=[3] * (len(strides) + 1),
+        kernel_size=topology.kernels,
         strides=[1, *strides],
         upsample_kernel_size=strides,
         filters=filters,
         norm_name="instance",
         res_block=False,
+        deep_supervision=heads > 0,
+        deep_supr_num=max(heads, 1),
     )

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.plan.step import amp_dtype, build_optimizer, with_point
 from lightning_seg.precision import set_tf32, uses_tf32
 
@@ -44,7 +45,7 @@ def measured_step_peak(
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = net(image)
         with torch.autocast("cuda", enabled=False):
-            loss = loss_fn(logits.float(), label)
+            loss = segmentation_loss(loss_fn, logits.float(), label)
         del logits
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.plan.allocator import AllocatorModel
 from lightning_seg.plan.cuda_autocast import CudaAutocast
 from lightning_seg.precision import trainer_precision
@@ -200,7 +201,7 @@ def _train_step(net, loss_fn, optimizer, image, label, dtype, mem: AllocatorMode
     with CudaAutocast(dtype, on_weight_cast=label_copy) if dtype is not None else nullcontext():
         logits = net(image)
     mem.phase = "loss"  # SegmentationModule.compute_loss: autocast off, fp32 logits
-    loss = loss_fn(logits.float(), label)
+    loss = segmentation_loss(loss_fn, logits.float(), label)
     if not bare:
         del logits  # Lightning's training_step keeps no reference to them
         optimizer.zero_grad(set_to_none=True)
