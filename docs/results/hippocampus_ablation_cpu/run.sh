@@ -2,10 +2,14 @@
 # Issue 10's ablation on hippocampus, one change at a time and all together, a 10-minute budget each,
 # one run after the other on an otherwise idle machine. Held-out check: data.test_fraction=0.2 (the
 # test split of split.json), best checkpoint, mirroring. Usage (from the repository root):
-#   bash docs/results/hippocampus_ablation_cpu/run.sh OUT_DIR [BUDGET]
+#   bash docs/results/hippocampus_ablation_cpu/run.sh OUT_DIR [BUDGET [VARIANT...]]
+# e.g. the 60-minute pair: run.sh OUT_DIR 00:01:00:00 reference_talk nnunet_all
 set -euo pipefail
 out=${1:?output dir}
 budget=${2:-00:00:10:00}
+shift $(( $# > 1 ? 2 : 1 ))
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(reference_talk poly_schedule augmentation dice_ce clip_12 nnunet_all)
 mkdir -p "$out"
 data=${DATA_DIR:-../shared/data}
 common=(task=hippocampus "paths.data_dir=$data" data.test_fraction=0.2 "trainer.max_time=$budget"
@@ -18,7 +22,7 @@ declare -A variants=(
   [clip_12]="trainer.gradient_clip_val=12"
   [nnunet_all]="recipe=nnunet"
 )
-for name in reference_talk poly_schedule augmentation dice_ce clip_12 nnunet_all; do
+for name in "${names[@]}"; do
   run="$out/$name"
   [ -f "$run/eval_test/summary.json" ] && continue
   # shellcheck disable=SC2086
