@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 from monai.metrics import compute_hausdorff_distance
 
+from lightning_seg.errors import ConfigError
+
 Regions = dict[str, list[int]]  # region name -> the label values it unites
 
 
@@ -27,7 +29,14 @@ def scored_structures(labels: list[str], regions: Regions | None = None) -> Regi
     """Name -> label values of what is scored: the regions when given, else each foreground label
     (labels[0] is background)."""
     if regions:
-        return {str(name): [int(v) for v in values] for name, values in regions.items()}
+        structures = {str(name): [int(v) for v in values] for name, values in regions.items()}
+        for name, values in structures.items():
+            if not values or not all(1 <= v < len(labels) for v in values):
+                raise ConfigError(
+                    f"regions: '{name}' unites {values}; a region needs foreground label values 1.."
+                    f"{len(labels) - 1} (labels: {', '.join(labels)})"
+                )
+        return structures
     return {name: [value] for value, name in enumerate(labels[1:], start=1)}
 
 

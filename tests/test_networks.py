@@ -63,3 +63,9 @@ def test_deep_supervision_weighs_the_full_resolution_most_and_trains(tmp_path):
 def test_brain_tumour_is_scored_by_its_regions(tmp_path):
     module = instantiate(compose_config(tmp_path, ["task=brain_tumour", "model.width=4"]).module)
     assert module.structures == {"whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing_tumour": [3]}
+    cfg = compose_config(
+        tmp_path, ["task=brain_tumour", "model.width=4", "task.regions.enhancing_tumour=[4]"]
+    )
+    # Hydra wraps the ConfigError; the entry points print its message alone (lightning_seg.entry)
+    with pytest.raises(Exception, match=r"'enhancing_tumour' unites \[4\]; a region needs .* values 1\.\.3"):
+        instantiate(cfg.module)
