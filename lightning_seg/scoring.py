@@ -12,6 +12,7 @@ Empty structures follow the rule training's `val/dice` uses (torchmetrics' DiceS
   distance), so a missed or hallucinated structure is penalised rather than dropped.
 """
 
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -67,14 +68,17 @@ def score_case(
             dice, hd95 = 0.0, diagonal_mm
         else:
             dice = 2.0 * float(np.logical_and(p, r).sum()) / (n_p + n_r)
-            hd95 = float(
-                compute_hausdorff_distance(
-                    torch.from_numpy(p)[None, None],
-                    torch.from_numpy(r)[None, None],
-                    percentile=95,
-                    spacing=list(map(float, spacing)),
-                )[0, 0]
-            )
+            with warnings.catch_warnings():
+                # MONAI 1.5+ passes its own deprecated get_mask_edges(always_return_as_numpy=...) here
+                warnings.filterwarnings("ignore", message=r".*get_mask_edges.always_return_as_numpy")
+                hd95 = float(
+                    compute_hausdorff_distance(
+                        torch.from_numpy(p)[None, None],
+                        torch.from_numpy(r)[None, None],
+                        percentile=95,
+                        spacing=list(map(float, spacing)),
+                    )[0, 0]
+                )
         scores.update(
             {
                 f"dice_{name}": dice,

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from lightning_seg.data.synthetic import synthetic_case, write_synthetic_msd
 from lightning_seg.inference import Predictor
@@ -40,6 +41,7 @@ def test_model_card_sits_next_to_the_best_checkpoint(synthetic_run):
     assert card["preprocessing"]["spacing"] == [1.5, 1.5, 2.0]
     assert card["validation"]["best"] == pytest.approx(synthetic_run["metrics"]["best/val_dice"])
     assert card["data"]["test_cases"] == 3 and card["environment"]["torch"]
+    assert card["weight_average"]["decay"] == 0.999
 
 
 def test_prediction_keeps_shape_and_affine_of_a_rotated_anisotropic_non_ras_image(synthetic_run, tmp_path):
@@ -188,3 +190,30 @@ def test_spleen_prediction_returns_the_original_5mm_grid(tmp_path):
     [written] = predict_files(Predictor(ckpt), [source], tmp_path / "out")
     assert nib.load(written).shape == (164, 166, 26)
     assert np.array_equal(nib.load(written).affine, nib.load(source).affine)
+
+
+def test_the_best_checkpoint_holds_the_averaged_weights_validation_scored(synthetic_run, tmp_path):
+    """Validation runs on the EMA of the weights; the checkpoint stores that average for predict and
+    the raw weights for resuming. Evaluated on the validation cases, it scores its own val/dice."""
+    checkpoint = torch.load(synthetic_run["ckpt"], map_location="cpu", weights_only=True)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if averaged[k].is_floating_point())
+    out = tmp_path / "eval"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_seg.evaluate",
+            f"ckpt_path={synthetic_run['ckpt']}",
+            f"task_dir={synthetic_run['data']}",
+            "split=val",
+            f"output={out}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    best = synthetic_run["metrics"]["best/val_dice"]
+    assert summary["foreground_mean_dice"] == pytest.approx(best, abs=0.01)

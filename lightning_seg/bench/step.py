@@ -94,6 +94,8 @@ def measure(cfg: DictConfig, batch_size: int, device: torch.device, loader: Iter
     flops = train_step_flops(module.to(device), inputs[0])
     steps = bench.warmup + bench.steps
     breakdown, recorder = StepBreakdown(every_n_steps=1, keep=True), StepRecorder(bench.warmup)
+    average = cfg.callbacks.get("weight_average")  # training updates its weight average after every step
+    callbacks = [breakdown, recorder, *([instantiate(average)] if average else [])]
     with tempfile.TemporaryDirectory(prefix="bench-") as root:
         trainer = Trainer(
             accelerator=device.type,
@@ -109,7 +111,7 @@ def measure(cfg: DictConfig, batch_size: int, device: torch.device, loader: Iter
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[breakdown, recorder],
+            callbacks=callbacks,
             profiler=DataWaitProfiler(),
             default_root_dir=root,
         )

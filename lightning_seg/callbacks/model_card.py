@@ -30,6 +30,8 @@ class ModelCard(Callback):
             "preprocessing": {k: task.get(k) for k in ("orientation", "spacing", "normalization")},
             "patch_size": task.get("patch_size"),
             "network": config.get("model"),
+            # the checkpoint's weights: an EMA of the training weights, or the raw weights (null)
+            "weight_average": config.get("callbacks", {}).get("weight_average"),
             "precision": config.get("precision"),
             "data": {
                 "task_dir": str(getattr(datamodule, "task_dir", "")),

@@ -55,7 +55,9 @@ def preprocessing(task: Mapping, keys: Sequence[str] = KEYS, crop_foreground: bo
     return [
         T.LoadImaged(keys, image_only=True),
         T.EnsureChannelFirstd(keys),
-        T.Orientationd(keys, axcodes=task["orientation"]),
+        # labels=None: the axis labels follow the image's "space" (RAS for NIfTI, the labels MONAI used
+        # before), MONAI's coming default, chosen now so its deprecation warning does not reach the log
+        T.Orientationd(keys, axcodes=task["orientation"], labels=None),
         T.Spacingd(keys, pixdim=task["spacing"], mode=modes),
         *crop,
         T.EnsureTyped(keys, dtype=torch.float32),
