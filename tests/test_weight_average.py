@@ -6,6 +6,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from lightning_seg.callbacks.weight_average import WarmupEMA, WeightAverage
 from lightning_seg.errors import ConfigError
+from lightning_seg.training import train
+
+from .conftest import compose_config, tiny_synthetic_overrides
 
 
 def test_the_decay_warms_up_with_the_update_count_then_holds():
@@ -32,3 +35,12 @@ def test_averaged_model_copies_then_follows_the_warmed_up_decay():
 def test_a_decay_outside_zero_to_one_is_refused_by_name(decay):
     with pytest.raises(ConfigError, match="callbacks.weight_average.decay"):
         WeightAverage(decay)
+
+
+def test_without_the_average_checkpoints_hold_the_raw_weights_only(tmp_path):
+    cfg = compose_config(
+        tmp_path, [*tiny_synthetic_overrides(), "trainer.max_epochs=1", "callbacks.weight_average=null"]
+    )
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert "current_model_state" not in last and "WeightAverage" not in last["callbacks"]
