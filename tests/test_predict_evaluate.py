@@ -34,6 +34,24 @@ def synthetic_run(tmp_path_factory):
     return {"run": tmp / "run", "ckpt": best, "data": tmp / "data" / "Task00_Synthetic", "metrics": metrics}
 
 
+def evaluate_split(run: dict, split: str, out: Path) -> None:
+    """`python -m lightning_seg.evaluate` on one split of the trained run's cases."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_seg.evaluate",
+            f"ckpt_path={run['ckpt']}",
+            f"task_dir={run['data']}",
+            f"split={split}",
+            f"output={out}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
 def test_model_card_sits_next_to_the_best_checkpoint(synthetic_run):
     card = json.loads((synthetic_run["ckpt"].parent / "model_card.json").read_text())
     assert card["checkpoint"] == synthetic_run["ckpt"].name
@@ -75,20 +93,7 @@ def test_trained_model_segments_unseen_synthetic_cases(synthetic_run, tmp_path):
 
 def test_evaluate_cli_scores_the_held_out_split_of_a_run(synthetic_run, tmp_path):
     out = tmp_path / "eval"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_seg.evaluate",
-            f"ckpt_path={synthetic_run['ckpt']}",
-            f"task_dir={synthetic_run['data']}",
-            "split=test",
-            f"output={out}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    evaluate_split(synthetic_run, "test", out)
     held_out = {
         Path(c["image"]).name for c in json.loads((synthetic_run["run"] / "split.json").read_text())["test"]
     }
@@ -200,20 +205,7 @@ def test_the_best_checkpoint_holds_the_averaged_weights_validation_scored(synthe
     assert averaged.keys() == raw.keys()
     assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if averaged[k].is_floating_point())
     out = tmp_path / "eval"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_seg.evaluate",
-            f"ckpt_path={synthetic_run['ckpt']}",
-            f"task_dir={synthetic_run['data']}",
-            "split=val",
-            f"output={out}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    evaluate_split(synthetic_run, "val", out)
     summary = json.loads((out / "summary.json").read_text())
     best = synthetic_run["metrics"]["best/val_dice"]
     assert summary["foreground_mean_dice"] == pytest.approx(best, abs=0.01)
