@@ -66,8 +66,10 @@ def profiled_step_peak(cfg: DictConfig) -> int:
 
 @pytest.mark.parametrize("model", ["basic_unet", "dynunet"])
 def test_fp32_prediction_matches_a_real_cpu_step_measured_by_the_profiler(tmp_path, model):
-    # width 16: oneDNN pads fewer than 8-16 channels in its blocked layouts, a CPU-only cost
-    cfg = plan_config(tmp_path, f"model={model}", "model.width=16", "task.patch_size=[32,32,32]")
+    # width 16: oneDNN pads fewer than 8-16 channels in its blocked layouts, a CPU-only cost; the
+    # profiled step keeps no average of the weights
+    point = f"model={model}", "model.width=16", "task.patch_size=[32,32,32]"
+    cfg = plan_config(tmp_path, *point, "callbacks.weight_average=null")
     predicted = predict_step(cfg, workspace_bytes=0).peak_bytes  # no cuDNN on a CPU
     measured = profiled_step_peak(cfg)
     assert predicted == pytest.approx(measured, rel=0.10)
@@ -85,6 +87,16 @@ def test_activations_scale_with_the_batch_and_amp_is_below_fp32(tmp_path):
         assert half.breakdown["activations"] < 0.8 * b8.breakdown["activations"]
         assert half.breakdown["amp_weight_copies"] > 0
     assert predict_step(cfg, batch=8, precision="tf32").peak_bytes == b8.peak_bytes
+
+
+def test_the_weight_average_adds_one_copy_of_the_weights_and_the_bare_loop_none(tmp_path):
+    point = "model.width=4", "task.patch_size=[32,32,32]"
+    averaged = predict_step(plan_config(tmp_path, *point))  # callbacks.weight_average: on by default
+    raw = predict_step(plan_config(tmp_path, *point, "callbacks.weight_average=null"))
+    assert averaged.breakdown["averaged_weights"] == averaged.breakdown["weights"] > 0
+    assert raw.breakdown["averaged_weights"] == 0
+    assert averaged.peak_bytes - raw.peak_bytes == averaged.breakdown["weights"]
+    assert predict_step(plan_config(tmp_path, *point), loop="bare").breakdown["averaged_weights"] == 0
 
 
 def test_cuda_autocast_keeps_instance_norm_in_half_where_cpu_autocast_would_not(tmp_path):
@@ -130,7 +142,10 @@ def test_cli_writes_plan_json_with_peak_breakdown_sliding_window_and_fit_table(t
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "plan.json").read_text())
     assert result["peak_gib"] > 0 and result["precision"] == "16"
-    assert {"weights", "gradients", "optimizer", "activations", "transient"} <= result["breakdown_gib"].keys()
+    assert {"weights", "averaged_weights", "gradients", "optimizer", "activations", "transient"} <= result[
+        "breakdown_gib"
+    ].keys()
+    assert result["config"]["weight_average"] is True  # training's default, counted in the peak
     assert result["sliding_window"]["volume"] == [64, 64, 48]  # the synthetic task's cases
     assert [r["precision"] for r in result["fit"]["rows"]] == ["32", "tf32", "16", "bf16"]
     assert "predicted peak" in done.stdout and "largest batch" in done.stdout

@@ -19,7 +19,7 @@ from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError
 from lightning_seg.plan.fit import GPUS, fit_table, markdown_fit
 from lightning_seg.plan.sliding_window import largest_volume, predict_sliding_window
-from lightning_seg.plan.step import model_name, predict_step
+from lightning_seg.plan.step import averages_weights, model_name, predict_step
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def main(cfg: DictConfig) -> None:
             "loss": str(cfg.loss._target_),
             "optimizer": str(cfg.optimizer.optimizer._target_),
             "fused_adam": bool(cfg.speed.fused_adam),
+            "weight_average": averages_weights(cfg),
         }
         (out / "plan.json").write_text(json.dumps(result, indent=2))
     print(report(result, model_name(cfg)))

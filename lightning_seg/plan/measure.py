@@ -2,16 +2,19 @@
 
 The step the planner predicts, run for real: the configured network, the configured (MONAI) loss in
 fp32 with autocast off, the optimizer as a GPU run builds it, CUDA autocast and a grad scaler for
-fp16, Lightning's order (forward and loss, zero_grad, backward, step), cuDNN benchmark on as training
-runs by default. Used by the `gpu` tests and `make gpu-check`.
+fp16, Lightning's order (forward and loss, zero_grad, backward, step), the averaged copy of the weights
+when `callbacks.weight_average` is on, cuDNN benchmark on as training runs by default. Used by the
+`gpu` tests and `make gpu-check`.
 """
+
+import copy
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lightning_seg.model.deep_supervision import segmentation_loss
-from lightning_seg.plan.step import amp_dtype, build_optimizer, with_point
+from lightning_seg.plan.step import amp_dtype, averages_weights, build_optimizer, with_point
 from lightning_seg.precision import set_tf32, uses_tf32
 
 
@@ -27,6 +30,8 @@ def measured_step_peak(
     set_tf32(uses_tf32(cfg.precision))
     dtype = amp_dtype(cfg.precision)
     net = instantiate(cfg.model).to(device).train()
+    # the copy callbacks.weight_average keeps on the GPU; its in-place update adds nothing to the peak
+    averaged = copy.deepcopy(net) if averages_weights(cfg) else None
     loss_fn = instantiate(cfg.loss)
     optimizer = build_optimizer(cfg, net.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -54,6 +59,6 @@ def measured_step_peak(
         scaler.update()
     torch.cuda.synchronize()
     warm = torch.cuda.max_memory_allocated()
-    del net, optimizer, image, label
+    del net, averaged, optimizer, image, label
     torch.cuda.empty_cache()
     return {"peak_bytes": max(overall, warm), "warm_peak_bytes": warm}

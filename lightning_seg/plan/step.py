@@ -31,8 +31,8 @@ GIB = 2**30
 # the fake-tensor peak in both fp32 and fp16; for the large networks it is hidden under activations.
 CUDNN_WORKSPACE_GIB = 0.5
 # breakdown categories, in print order; the allocator model's kinds map onto them
-CATEGORIES = ("weights", "gradients", "optimizer", "input", "activations", "amp_weight_copies",
-              "transient", "cudnn_workspace")  # fmt: skip
+CATEGORIES = ("weights", "averaged_weights", "gradients", "optimizer", "input", "activations",
+              "amp_weight_copies", "transient", "cudnn_workspace")  # fmt: skip
 KIND_TO_CATEGORY = {"forward": "activations", "loss": "activations", "backward": "transient",
                     "step": "transient", "setup": "transient"}  # fmt: skip
 
@@ -138,6 +138,12 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     return factory(params=params, foreach=True) if "foreach" in options else factory(params=params)
 
 
+def averages_weights(cfg: DictConfig) -> bool:
+    """Whether training keeps an average of the weights (`callbacks.weight_average`): Lightning's
+    WeightAveraging holds a full copy of the module's parameters and buffers on the GPU."""
+    return OmegaConf.select(cfg, "callbacks.weight_average") is not None
+
+
 def workspace_allowance(cfg: DictConfig) -> int:
     """The cuDNN workspace allowance in bytes (`plan.cudnn_workspace_gib`, else the default)."""
     return int(OmegaConf.select(cfg, "plan.cudnn_workspace_gib", default=CUDNN_WORKSPACE_GIB) * GIB)
@@ -154,7 +160,8 @@ def predict_step(
     """Predict `torch.cuda.max_memory_allocated` of a warm training step at the config's (or the
     given) batch, patch and precision.
 
-    `loop="lightning"`: the step training runs (Lightning's automatic optimization). `loop="bare"`:
+    `loop="lightning"`: the step training runs (Lightning's automatic optimization, with the copy of
+    the weights that `callbacks.weight_average` averages, if configured). `loop="bare"`:
     the bare PyTorch loop of `../shared/bench/anchor_step.py` that measured the reference peaks (two
     input sets on the device, `zero_grad` first, the logits held until after backward).
     `workspace_bytes`: the cuDNN allowance added to the peak (default `workspace_allowance(cfg)`;
@@ -171,6 +178,10 @@ def predict_step(
         mem = AllocatorModel()
         with mem:
             mem.track([*net.parameters(), *net.buffers()], "weights")
+            averaged = []  # its update after each step works in place: a constant through the step
+            if averages_weights(cfg) and not bare:
+                averaged = [torch.empty_like(t) for t in (*net.parameters(), *net.buffers())]
+                mem.track(averaged, "averaged_weights")
             # the loader's labels are float32 (EnsureTyped)
             inputs = [
                 (torch.randn(batch, int(cfg.task.in_channels), *patch), torch.zeros(batch, 1, *patch))
