@@ -21,6 +21,8 @@ declare -A variants=(
   [dice_ce]="loss=dice_ce"
   [clip_12]="trainer.gradient_clip_val=12"
   [nnunet_all]="recipe=nnunet"
+  [dice_fg_batch]="loss.include_background=false +loss.batch=true"
+  [mirror_si]="data.flip_axes=[0,2]"
 )
 for name in "${names[@]}"; do
   run="$out/$name"
