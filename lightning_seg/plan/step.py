@@ -178,7 +178,7 @@ def predict_step(
         mem = AllocatorModel()
         with mem:
             mem.track([*net.parameters(), *net.buffers()], "weights")
-            averaged = []  # its update after each step works in place: a constant through the step
+            averaged = []  # alive for the whole step (its update after each step works in place)
             if averages_weights(cfg) and not bare:
                 averaged = [torch.empty_like(t) for t in (*net.parameters(), *net.buffers())]
                 mem.track(averaged, "averaged_weights")
