@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
-DATA_DIR ?= ../shared/data
+DATA_DIR ?=
 REPORT_DIR ?=
 DRY ?=
 WHEELS ?= wheels
@@ -28,7 +28,7 @@ setup: $(VENV)/.installed ## create .venv and install the project (TORCH=... pic
 train: setup ## train on the built-in synthetic task (extra Hydra overrides: ARGS="precision=bf16 ...")
 	$(BIN)/python train.py $(ARGS)
 
-test: setup ## run the test suite (real-data tests skip when ../shared/data is absent)
+test: setup ## run the test suite (the tests that train on real MSD cases skip where none are beside the checkout)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 test-all: setup ## run every test, slow ones included
@@ -42,11 +42,13 @@ format: setup ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench-overhead: setup ## Lightning step vs the plain MONAI loop on CPU (ARGS="--data-dir ../shared/data")
-	$(BIN)/python -m lightning_seg.bench.overhead $(ARGS)
+bench-overhead: setup ## Lightning step vs the plain MONAI loop on CPU (ARGS="--data-dir DIR": MSD folders)
+	$(BIN)/python -m lightning_seg.study.bench.overhead $(ARGS)
 
-gpu-check: ## fast-path report on this machine's GPU, in the current Python env (DRY=1: tiny, CPU, CI)
-	$(PYTHON) -m lightning_seg.gpu_check --data-dir "$(DATA_DIR)" $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") $(if $(DRY),--dry)
+gpu-check: ## the acceptance run on this machine's GPU (DATA_DIR=<MSD folders>: real data; DRY=1: tiny, CPU, CI)
+	@py=$$( [ -x $(BIN)/python ] && echo $(BIN)/python || echo $(PYTHON) ); \
+	$$py -c "import lightning_seg" 2>/dev/null || { echo "error: $$py cannot import lightning_seg: run 'make setup' or activate the env that has it"; exit 2; }; \
+	$$py acceptance/gpu_check.py $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(REPORT_DIR),--report-dir "$(REPORT_DIR)") $(if $(DRY),--dry)
 
 gpu-wheels: setup ## wheels of this venv's MONAI, Hydra, nibabel for a GPU machine without a registry, into $(WHEELS)/
 	$(BIN)/pip freeze | grep -iE '^(monai|hydra-core|omegaconf|antlr4-python3-runtime|nibabel|importlib.resources)==' \

@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.msd import read_datalist
 from lightning_seg.entry import user_errors
+from lightning_seg.task import check_task
 
 
 def check(cfg: DictConfig) -> int:
     """Check the configured task folder (writing or downloading it first, as training would);
     return its number of cases or raise DatasetError / ConfigError."""
+    check_task(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     return len(read_datalist(datamodule.task_dir))

@@ -1,8 +1,6 @@
 """Checkpoint files that are whole or absent, never truncated: written beside their target, then renamed."""
 
-import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +9,7 @@ from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-log = logging.getLogger(__name__)
-
-_TMP = re.compile(r"^\..+\.\d+\.tmp$")
-
-
-def tmp_path(path: str | Path) -> Path:
-    """The file written before it takes `path`'s place: hidden, in the same folder (so the rename stays
-    on one filesystem), named by the writing process, not ending in `.ckpt` (no one takes it for a
-    checkpoint)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def remove_stale_tmp(folder: Path) -> None:
-    """Delete the half-written files (`tmp_path`) a killed process left in `folder`."""
-    for stale in folder.glob(".*.tmp"):
-        if _TMP.match(stale.name):
-            log.info("removing %s, left by a process killed while writing it", stale)
-            stale.unlink(missing_ok=True)
+from lightning_seg.run_dir import tmp_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lightning_seg.precision import trainer_precision
+from lightning_seg.task import register as register_task_schema
 
 
 def config_dir() -> Path:
@@ -61,6 +62,7 @@ def _register() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    register_task_schema()
 
 
 _register()

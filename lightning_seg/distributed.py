@@ -21,7 +21,7 @@ from lightning_fabric.plugins.environments import (
 )
 
 from lightning_seg.errors import UserError
-from lightning_seg.resume import write_atomic
+from lightning_seg.run_dir import write_atomic
 
 log = logging.getLogger(__name__)
 

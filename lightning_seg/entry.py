@@ -1,18 +1,11 @@
 """What an entry point shows when a user's input is wrong: one `error: ...` line, exit code 2.
 
-A `UserError` (a broken dataset, a config value that cannot work) or an `OSError` on a path the
-user chose (a file where a folder should be, no permission, a full disk) is printed as its
-message alone, found also where Hydra or OmegaConf wrapped it (`InstantiationException`,
-`InterpolationResolutionError`). Anything else is a bug and keeps its traceback. `verbose=true`
-or `HYDRA_FULL_ERROR=1` prints the traceback of user errors too; the run's log file always has it.
-
-    @hydra.main(...)
-    def main(cfg):
-        with user_errors(cfg):
-            ...
-
-Inside the task function, because Hydra prints an escaping exception with a traceback; Hydra
-lets the `SystemExit` through, with its code.
+A `UserError` (a broken dataset, a config value that cannot work), an unset `???` value, or an
+`OSError` on a path the user chose (a file where a folder should be, no permission, a full disk) is
+printed as its message alone, also where Hydra or OmegaConf wrapped it; anything else is a bug and
+keeps its traceback. `verbose=true` or `HYDRA_FULL_ERROR=1` prints the traceback of user errors too;
+the run's log file always has it. Use it inside the task function (`with user_errors(cfg): ...`):
+Hydra prints an escaping exception with a traceback, and lets the `SystemExit` through.
 """
 
 import errno
@@ -27,7 +20,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lightning_seg.errors import UserError
 
@@ -72,6 +65,9 @@ def user_message(err: BaseException, cfg: DictConfig | None = None, key: str | N
         seen.add(id(err))
         if isinstance(err, UserError):
             return str(err)
+        if isinstance(err, MissingMandatoryValue):  # a `???` value (ckpt_path=, a task key) left unset
+            key = err.full_key
+            return f"{key}: not set; give it on the command line ({key}=...) or in its config file"
         if isinstance(err, OSError) and err.errno in PATH_ERRNOS and err.filename:
             message = path_message(err, cfg, key)
             if message:

@@ -2,7 +2,6 @@
 (`ckpt_path=[A,B,...]`: an ensemble) (console: lightning-seg-evaluate).
 Writes per_case.csv, summary.json and summary.md."""
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,30 +15,10 @@ from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError, MissingFileError
 from lightning_seg.inference import Predictor
 from lightning_seg.predict import list_images, predict_files
+from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.scoring import score_files, summarize, summary_markdown
 
 log = logging.getLogger(__name__)
-
-
-def split_cases(ckpt_path: str, data: str, split: str) -> list[dict[str, str]]:
-    """Cases of `data` in one split of the run that wrote the checkpoint (by file name)."""
-    cases = read_datalist(data)
-    if split == "all":
-        return cases
-    split_file = Path(ckpt_path).resolve().parent.parent / "split.json"
-    if not split_file.is_file():
-        raise MissingFileError(f"{split_file}: missing, so split={split} is unknown; use split=all")
-    names = {Path(c["image"]).name for c in json.loads(split_file.read_text()).get(split, [])}
-    if not names:
-        raise ConfigError(
-            f"{split_file}: no '{split}' cases (train with data.test_fraction > 0 for a test split)"
-        )
-    chosen = [c for c in cases if Path(c["image"]).name in names]
-    if len(chosen) != len(names):
-        raise MissingFileError(
-            f"{data}: holds {len(chosen)} of the {len(names)} '{split}' cases of {split_file}"
-        )
-    return chosen
 
 
 def labels_near(ref_dir: Path) -> list[str]:
@@ -66,7 +45,9 @@ def evaluate(cfg: DictConfig) -> float | None:
         predictor = Predictor(checkpoints, **cfg.predict)
         labels = list(cfg.labels or predictor.labels)
         regions = cfg.regions or predictor.task.get("regions")
-        cases = split_cases(checkpoints[0], cfg.task_dir, cfg.split)
+        cases = RunDir.of_checkpoint(checkpoints[0]).cases_of_split(
+            read_datalist(cfg.task_dir), cfg.split, cfg.task_dir
+        )
         start = time.perf_counter()
         predictions = predict_files(predictor, [Path(c["image"]) for c in cases], output / "predictions")
         seconds = time.perf_counter() - start
@@ -95,7 +76,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     per_case = score_files(pairs, labels, regions)
     summary = summarize(per_case, labels, regions)
     per_case.to_csv(output / "per_case.csv", index=False)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(output / "summary.json", summary)
     (output / "summary.md").write_text(summary_markdown(summary, title))
     log.info(
         "foreground mean Dice %s over %d cases -> %s", summary["foreground_mean_dice"], len(per_case), output

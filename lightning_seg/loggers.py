@@ -10,7 +10,7 @@ from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from lightning_seg.checkpoint_io import tmp_path
+from lightning_seg.run_dir import tmp_path
 
 log = logging.getLogger(__name__)
 

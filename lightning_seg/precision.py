@@ -8,16 +8,16 @@ import torch
 
 from lightning_seg.errors import ConfigError
 
-# choice -> (Trainer precision, TF32 for fp32 convolutions and matmuls)
+# the one table: choice -> (Trainer precision, TF32 for fp32 convolutions and matmuls, name in reports)
 PRECISIONS = {
-    "32": ("32-true", False),  # true fp32: PyTorch would otherwise run convolutions in TF32
-    "tf32": ("32-true", True),
-    "16": ("16-mixed", False),  # fp16 autocast with loss scaling (Lightning runs bf16 on CPU)
-    "bf16": ("bf16-mixed", False),
+    "32": ("32-true", False, "fp32"),  # true fp32: PyTorch would otherwise run convolutions in TF32
+    "tf32": ("32-true", True, "TF32"),
+    "16": ("16-mixed", False, "fp16 AMP"),  # fp16 autocast with loss scaling (Lightning runs bf16 on CPU)
+    "bf16": ("bf16-mixed", False, "bf16 AMP"),
 }
 
 
-def _lookup(choice) -> tuple[str, bool]:
+def _lookup(choice) -> tuple[str, bool, str]:
     try:
         return PRECISIONS[str(choice)]
     except KeyError:
@@ -30,6 +30,11 @@ def trainer_precision(choice) -> str:
 
 def uses_tf32(choice) -> bool:
     return _lookup(choice)[1]
+
+
+def label(choice) -> str:
+    """The name tables and plots show (an unknown choice as given)."""
+    return PRECISIONS[str(choice)][2] if str(choice) in PRECISIONS else str(choice)
 
 
 def set_tf32(enabled: bool) -> None:

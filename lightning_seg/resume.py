@@ -4,7 +4,6 @@
 path outside the run dir starts a fork (a new run dir from those weights; the old dir is untouched).
 """
 
-import json
 import logging
 import os
 import uuid
@@ -17,8 +16,9 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from lightning_seg.checkpoint_format import upgrade
-from lightning_seg.checkpoint_io import remove_stale_tmp, tmp_path
+from lightning_seg.data.datamodule import split_in_checkpoint
 from lightning_seg.errors import UserError
+from lightning_seg.run_dir import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,18 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
     into `run_dir` on SLURM's requeue signal. `None` in a SLURM job whose `run_dir` holds either: the
     requeued job continues its run (Lightning itself would load the hpc checkpoint). A path: that file.
     A run that does not continue `run_dir` may not start where a run already is."""
+    run = RunDir(run_dir)
     if ckpt_path is None:
-        path = _newest_in(run_dir) if SLURMEnvironment.detect() else None
+        path = run.newest_checkpoint() if SLURMEnvironment.detect() else None
         if path is None:
             _refuse_existing_run(run_dir)
             return None
         log.info("SLURM job restarted: continuing %s from %s", run_dir, path)
     elif str(ckpt_path) == "last":
-        path = _newest_in(run_dir)
+        path = run.newest_checkpoint()
         if path is None:
             raise UserError(
-                f"ckpt_path=last: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist. "
+                f"ckpt_path=last: {run.last_checkpoint} does not exist. "
                 f"Resume in place needs the run's own dir (hydra.run.dir={run_dir} is it?); "
                 f"ckpt_path=<file> starts a new run from any checkpoint."
             )
@@ -83,24 +84,17 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
         in_place=in_place,
         global_step=int(checkpoint.get("global_step", 0)),
         run_config=checkpoint.get("hyper_parameters", {}).get("run_config") or {},
-        split=(checkpoint.get("MSDDataModule") or {}).get("split"),
+        split=split_in_checkpoint(checkpoint),
     )
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = RunDir(run_dir).last_checkpoint
     if last.is_file():
         raise UserError(
             f"{run_dir} holds a run already ({last}): add ckpt_path=last to continue it, "
             f"or give this run another hydra.run.dir"
         )
-
-
-def _newest_in(run_dir: Path) -> Path | None:
-    candidates = [
-        p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()
-    ]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -137,13 +131,13 @@ def prepare_in_place(resume: Resume, config: dict[str, Any], run_dir: Path) -> d
             "Drop those overrides to continue it, or start a new run from its weights: "
             f"ckpt_path={resume.path} with a new hydra.run.dir."
         )
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "csv"):
-        remove_stale_tmp(folder)
+    run = RunDir(run_dir)
+    run.remove_stale_tmp()
     if resume.split is not None:
         return resume.split
-    split_file = run_dir / "split.json"
+    split_file = run.split_json
     if split_file.is_file():
-        return json.loads(split_file.read_text())
+        return run.read_split()
     log.warning(
         "%s holds no split and %s is missing: the split is recomputed from the config",
         resume.path,
@@ -155,18 +149,10 @@ def prepare_in_place(resume: Resume, config: dict[str, Any], run_dir: Path) -> d
 def wandb_run_id(run_dir: Path, in_place: bool) -> str:
     """The W&B run id of the run in `run_dir`: the stored one when resuming in place, else a new one
     (stored, so a later resume continues the same W&B run)."""
-    id_file = run_dir / "wandb" / "run_id"
+    id_file = RunDir(run_dir).wandb_run_id
     if in_place and id_file.is_file():
         return id_file.read_text().strip()
     run_id = uuid.uuid4().hex[:8]
     if rank_zero_only.rank == 0:  # other DDP processes log nothing to W&B and must not replace the id
         write_atomic(id_file, run_id + "\n")
     return run_id
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`path.write_text(text)`, but a kill leaves the old content or the new, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)

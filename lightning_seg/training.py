@@ -1,6 +1,5 @@
 """The training task: compose-time config in, trained model and metrics out."""
 
-import json
 import logging
 import signal
 import warnings
@@ -8,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Trainer, seed_everything
@@ -20,11 +18,11 @@ from lightning_seg.config import CONFIG_DIR
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info
-from lightning_seg.errors import ConfigError
 from lightning_seg.loggers import ResumableCSVLogger
-from lightning_seg.plan import largest_batch, predict_step
 from lightning_seg.precision import set_tf32, uses_tf32
-from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id, write_atomic
+from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id
+from lightning_seg.run_dir import RunDir, write_json
+from lightning_seg.task import check_task
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +44,22 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
 
 
+def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
+    """The Trainer of `cfg.trainer` (precision, devices, strategy, speed and checkpoint plugins as
+    configured), with `overrides` (callbacks, logger, limits): training, validation and the study's
+    benchmark all build theirs here, so an override of `trainer.*` means the same in each."""
+    return instantiate(cfg.trainer, **overrides)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the configured module on the configured task; return final metrics and the objects.
 
     `ckpt_path=last` continues the run in `paths.output_dir` (see lightning_seg.resume); a checkpoint
     from another dir starts a new run from it. A run stopped by SIGTERM exits with status 143 after
     writing `last.ckpt`."""
-    output_dir = Path(cfg.paths.output_dir)
-    auto_batch = choose_batch(cfg) if str(cfg.data.batch_size) == "auto" else None
+    check_task(cfg)
+    run = RunDir(cfg.paths.output_dir)
+    output_dir = run.path
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = find_checkpoint(cfg.ckpt_path, output_dir)
     in_place = resume is not None and resume.in_place
@@ -74,31 +80,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     module.hparams["run_config"] = resolved
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
     loggers = [_logger(c, output_dir, resume) for c in cfg.logger.values() if c]
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers)
 
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
-    if auto_batch is not None:
-        cap_batch(cfg, auto_batch, datamodule, trainer.world_size, resolved)
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
     env["batch"] = batch_sizes(datamodule.batch_size, trainer)
-    if auto_batch is not None:
-        env["batch"]["auto"] = auto_batch
     log.info("environment: %s", env)
     log.info(
-        "batch: %(per_device)d patches per process x %(processes)d processes x %(accumulate)d accumulated "
-        "= %(global)d patches per optimizer step",
+        "batch: %(per_device)s patches per process x %(processes)d processes x %(accumulate)d accumulated "
+        "= %(global)s patches per optimizer step",
         env["batch"],
     )
     if trainer.is_global_zero:  # one run dir: the other processes of a DDP run write nothing here
-        split = {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
-        write_atomic(output_dir / "split.json", json.dumps(split, indent=1))
-        (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
+        run.write_split(
+            {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
+        )
+        write_json(run.environment_json, env)
     for logger in loggers:
         logger.log_hyperparams({**resolved, "env": env})
-        if isinstance(logger, WandbLogger):
-            # W&B plots validation curves against training time, not steps
-            logger.experiment.define_metric("time/train_s")
-            logger.experiment.define_metric("val/*", step_metric="time/train_s")
     try:
         with warnings.catch_warnings():
             # Lightning 2.6's own _pytree uses torch's deprecated LeafSpec: nothing a user can act on
@@ -122,13 +121,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.error("training stopped; run dir: %s", output_dir)
         raise
     finally:
-        # what compile and the fused optimizer became on this machine is known once fit has started
+        # what compile, the fused optimizer and an automatic batch became is known once fit has started
         env["fast_path"] = module.fast_path
-        if auto_batch is not None:  # every GPU run with an automatic batch checks the memory planner
-            measured = trainer.callback_metrics.get("memory/train_peak_gib")
-            auto_batch["measured_train_peak_gib"] = float(measured) if measured is not None else None
+        env["batch"] = batch_sizes(datamodule.batch_size, trainer)
         if trainer.is_global_zero:
-            (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
+            write_json(run.environment_json, env)
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb
 
@@ -140,58 +137,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics["best/val_dice"] = float(checkpoint.best_model_score)
         log.info("best val/dice %.4f: %s", metrics["best/val_dice"], checkpoint.best_model_path)
     if trainer.is_global_zero:
-        (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(run.final_metrics_json, metrics)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-def choose_batch(cfg: DictConfig) -> dict:
-    """`data.batch_size=auto`: the largest batch whose predicted training-step peak fits in this GPU's
-    free memory (lightning_seg.plan), written into `cfg`; returns the choice and its prediction."""
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "data.batch_size=auto sizes the batch to a CUDA GPU's free memory and there is no GPU here: "
-            "give a number (python -m lightning_seg.plan plan.gpu=<card> predicts what fits)"
-        )
-    free, total = torch.cuda.mem_get_info()
-    cfg.data.batch_size = int(cfg.data.samples_per_volume)  # a number for the planner's config
-    batch, predicted = largest_batch(cfg, free)
-    if batch == 0:
-        raise ConfigError(
-            f"data.batch_size=auto: not even batch {cfg.data.samples_per_volume} fits in the "
-            f"{free / 2**30:.1f} GiB free on this GPU (predicted {predicted / 2**30:.1f} GiB): "
-            "lower task.patch_size or use precision=16"
-        )
-    cfg.data.batch_size = batch
-    log.info(
-        "data.batch_size=auto: %d (predicted step peak %.2f GiB of %.2f GiB free, %.1f GiB card)",
-        batch,
-        predicted / 2**30,
-        free / 2**30,
-        total / 2**30,
-    )
-    return {"chosen": batch, "predicted_peak_gib": predicted / 2**30, "free_gib": free / 2**30}
-
-
-def cap_batch(cfg: DictConfig, auto_batch: dict, datamodule, world_size: int, resolved: dict) -> None:
-    """An automatic batch draws at most every training case of a process once per step (a larger
-    one would leave the loader without a full batch)."""
-    cases = max(1, len(datamodule.train_cases) // world_size)
-    cap = cases * datamodule.samples_per_volume
-    if datamodule.batch_size > cap:
-        log.info("data.batch_size=auto: capped at %d (%d training cases per process)", cap, cases)
-        datamodule.batch_size = resolved["data"]["batch_size"] = auto_batch["capped_by_cases"] = cap
-        auto_batch["predicted_peak_gib"] = predict_step(cfg, batch=cap).peak_bytes / 2**30
-
-
-def batch_sizes(per_device: int, trainer: Trainer) -> dict[str, int]:
-    """`data.batch_size` counts patches per process and step; what an optimizer step sees in all."""
+def batch_sizes(per_device: int | str, trainer: Trainer) -> dict[str, int | str]:
+    """`data.batch_size` counts patches per process and step; what an optimizer step sees in all
+    (`auto` until the study's AutoBatch callback has chosen it)."""
     accumulate = trainer.accumulate_grad_batches
+    numeric = isinstance(per_device, int)
     return {
         "per_device": per_device,
         "processes": trainer.world_size,
         "accumulate": accumulate,
-        "global": per_device * trainer.world_size * accumulate,
+        "global": per_device * trainer.world_size * accumulate if numeric else per_device,
     }
 
 

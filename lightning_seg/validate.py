@@ -12,10 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_seg.checkpoint_format import load_checkpoint
 from lightning_seg.config import CONFIG_DIR
+from lightning_seg.data.datamodule import split_in_checkpoint
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import InputError, MissingFileError
 from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
+from lightning_seg.run_dir import RunDir, write_json
+from lightning_seg.training import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,14 @@ def validate(cfg: DictConfig) -> dict:
     data = OmegaConf.merge(run["data"], cfg.data)
     datamodule = instantiate(data, split=saved_split(ckpt_path, checkpoint, cfg.split))
     prepare_once_per_node(datamodule.prepare_data, output_dir)
-    trainer = instantiate(cfg.trainer, precision=trainer_precision(precision))
+    trainer = build_trainer(
+        cfg,
+        precision=trainer_precision(precision),
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
     (results,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {
@@ -58,22 +68,19 @@ def validate(cfg: DictConfig) -> dict:
         **{key: float(value) for key, value in results.items()},
     }
     if trainer.is_global_zero:
-        (output_dir / "val_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(output_dir / "val_metrics.json", metrics)
         log.info("val/dice %.4f over %d cases -> %s", metrics["val/dice"], metrics["cases"], output_dir)
     return metrics
 
 
 def saved_split(ckpt_path: Path, checkpoint: dict, split_file: str | None) -> dict:
     """The run's split: from `split_file`, else from the checkpoint, else from its run's split.json."""
-    if split_file is None:
-        saved = (checkpoint.get("MSDDataModule") or {}).get("split")
-        if saved:
-            return saved
-        split_file = ckpt_path.resolve().parent.parent / "split.json"
-    path = Path(split_file)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: missing, so the run's validation cases are unknown; give split=FILE")
-    return json.loads(path.read_text())
+    if split_file is not None:
+        path = Path(split_file)
+        if not path.is_file():
+            raise MissingFileError(f"split={path}: no such file")
+        return json.loads(path.read_text())
+    return split_in_checkpoint(checkpoint) or RunDir.of_checkpoint(ckpt_path).read_split()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.synthetic import write_synthetic_msd
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# real MSD cases for the tests that train on them: LIGHTNING_SEG_TEST_DATA, else the development machines'
+# shared data folder beside the checkout
+SHARED_DATA = Path(os.environ.get("LIGHTNING_SEG_TEST_DATA", ROOT.parent / "shared" / "data"))
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "Task04_Hippocampus" / "dataset.json").is_file(),
-    reason=f"real MSD cases not found at {SHARED_DATA} (only the project's development machines have them)",
+    reason=f"real MSD cases not found at {SHARED_DATA} (LIGHTNING_SEG_TEST_DATA names a folder holding them)",
 )
 
 # a synthetic task small enough for many CPU tests: 6 cases of 32 x 32 x 24 voxels

@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning import Callback
 
-from lightning_seg.callbacks.amp_guard import NonFiniteLossError
 from lightning_seg.errors import UserError
+from lightning_seg.study.callbacks.amp_guard import NonFiniteLossError
 from lightning_seg.training import train
 
 from .conftest import compose_config, tiny_synthetic_overrides
@@ -159,7 +159,7 @@ def test_steps_the_grad_scaler_skips_do_not_advance_a_step_scheduler(tmp_path, s
         f"hardware={'cpu' if device == 'cpu' else 'gpu'}",
         "optimizer.scheduler={_target_:torch.optim.lr_scheduler.LinearLR,_partial_:true,"
         "start_factor:1.0,end_factor:0.1,total_iters:100}",
-        "module.scheduler_interval=step",
+        "optimizer.scheduler_interval=step",
         "trainer.max_epochs=2",
     ]
     cfg = compose_config(tmp_path, overrides, data_dir=synthetic_task_dir.parent)

@@ -15,13 +15,19 @@ from lightning_seg.training import train
 from .conftest import compose_config, tiny_synthetic_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-ANCHOR = ROOT.parent / "shared" / "bench" / "anchor_step.py"
 PHASES = ("forward", "loss", "backward", "optimizer")
 
 
 def run_bench(out: Path, *overrides: str) -> dict:
     subprocess.run(
-        [sys.executable, "-m", "lightning_seg.bench", "bench=cpu_smoke", f"hydra.run.dir={out}", *overrides],
+        [
+            sys.executable,
+            "-m",
+            "lightning_seg.study.bench",
+            "bench=cpu_smoke",
+            f"hydra.run.dir={out}",
+            *overrides,
+        ],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -58,14 +64,13 @@ def test_a_failing_point_is_recorded_and_the_grid_goes_on(tmp_path):
     assert "multiple of 16" in (tmp_path / "bench.md").read_text()
 
 
-@pytest.mark.skipif(not ANCHOR.is_file(), reason=f"anchor loop not found at {ANCHOR}")
 def test_bare_loop_runs_side_by_side(tmp_path):
-    result = run_bench(tmp_path, "bench.precisions=[32]", "bench.steps=3", f"bench.anchor_script={ANCHOR}")
+    result = run_bench(tmp_path, "bench.precisions=[32]", "bench.steps=3", "bench.bare_loop=true")
     [point] = result["points"]
-    assert point["anchor"]["median_s"]["total"] > 0
-    assert point["project_over_anchor"] == pytest.approx(
-        point["project"]["median_s"]["total"] / point["anchor"]["median_s"]["total"]
-    )
+    bare = point["bare"]["median_s"]
+    assert all(bare[phase] > 0 for phase in PHASES)
+    assert point["project_over_bare"] == pytest.approx(point["project"]["median_s"]["total"] / bare["total"])
+    assert f"| {point['project_over_bare']:.3f} |" in (tmp_path / "bench.md").read_text()
 
 
 def test_step_breakdown_callback_logs_positive_phases_during_training(tmp_path):

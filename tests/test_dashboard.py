@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-from lightning_seg.dashboard import run_name, workspace
-from lightning_seg.report import load_runs
+from lightning_seg.study.dashboard import run_name, workspace
+from lightning_seg.study.report import load_runs
 
 from .conftest import ROOT
 
@@ -12,7 +12,7 @@ from .conftest import ROOT
 def test_offline_page_names_every_run_and_shows_its_pictures(tiny_sweep, tmp_path):
     out = tmp_path / "dashboard"
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_seg.dashboard", str(tiny_sweep), "--out", str(out)],
+        [sys.executable, "-m", "lightning_seg.study.dashboard", str(tiny_sweep), "--out", str(out)],
         cwd=ROOT,
         check=True,
         capture_output=True,

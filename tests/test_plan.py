@@ -14,9 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.errors import ConfigError
-from lightning_seg.model.deep_supervision import segmentation_loss
-from lightning_seg.plan import largest_batch, predict_step
-from lightning_seg.plan.step import build_optimizer
+from lightning_seg.study.memory import largest_batch, predict_step
 from lightning_seg.training import train
 
 from .conftest import compose_config, tiny_synthetic_overrides
@@ -30,19 +28,26 @@ def plan_config(tmp_path: Path, *overrides: str) -> DictConfig:
         return compose(config_name="plan", overrides=[*paths, *overrides])
 
 
+def bench_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'outputs'}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="bench", overrides=[*paths, "bench.warmup=3", "bench.steps=3", *overrides])
+
+
 def profiled_step_peak(cfg: DictConfig) -> int:
     """Peak bytes of a real CPU training step, from torch.profiler's allocation events: the live
     tensors at the start (weights, Adam state, inputs) plus the running sum of allocations and frees."""
     torch.manual_seed(0)
-    net = instantiate(cfg.model).train()
-    loss_fn = instantiate(cfg.loss)  # the real MONAI DiceLoss, not the planner's stand-in
-    optimizer = build_optimizer(cfg, net.parameters())
+    module = instantiate(cfg.module).train()  # the real MONAI DiceLoss, not the planner's stand-in
+    net = module.net
+    # as a GPU run builds it (the planner predicts for one), on the CPU's tensors
+    optimizer = module.build_optimizer(torch.device("cuda"), None, "32-true")
     batch, patch = cfg.data.batch_size, list(cfg.task.patch_size)
     image = torch.randn(batch, 1, *patch)
     label = torch.randint(0, len(cfg.task.labels), (batch, 1, *patch)).float()
 
     def step():
-        loss = segmentation_loss(loss_fn, net(image).float(), label)
+        loss = module.step_loss({"image": image, "label": label})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         del loss
@@ -102,7 +107,7 @@ def test_the_weight_average_adds_one_copy_of_the_weights_and_the_bare_loop_none(
 def test_cuda_autocast_keeps_instance_norm_in_half_where_cpu_autocast_would_not(tmp_path):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lightning_seg.plan.cuda_autocast import CudaAutocast
+    from lightning_seg.study.memory.cuda_autocast import CudaAutocast
 
     with FakeTensorMode():
         conv, norm = torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, affine=True)
@@ -133,7 +138,7 @@ def test_cli_writes_plan_json_with_peak_breakdown_sliding_window_and_fit_table(t
     out = tmp_path / "run"
     done = subprocess.run(
         [
-            sys.executable, "-m", "lightning_seg.plan", "model.width=4", "precision=16",
+            sys.executable, "-m", "lightning_seg.study.memory", "model.width=4", "precision=16",
             "plan.gpu_memory_gib=2", "plan.max_patch=128", f"hydra.run.dir={out}",
             f"paths.data_dir={tmp_path / 'data'}",
         ],
@@ -153,7 +158,7 @@ def test_cli_writes_plan_json_with_peak_breakdown_sliding_window_and_fit_table(t
 
 def test_an_unknown_card_is_one_error_line(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_seg.plan", "plan.gpu=GTX480", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "lightning_seg.study.memory", "plan.gpu=GTX480", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2 and "error: plan.gpu=GTX480: choose one of V100-16" in done.stderr
@@ -164,11 +169,12 @@ def test_an_unknown_card_is_one_error_line(tmp_path):
 @pytest.mark.parametrize("model", ["basic_unet", "dynunet", "monai_unet"])
 @pytest.mark.parametrize("precision", ["32", "16"])
 def test_prediction_matches_max_memory_allocated_on_the_gpu(tmp_path, model, precision):
-    from lightning_seg.plan.measure import measured_step_peak
+    from lightning_seg.study.bench.step import measure
 
-    cfg = plan_config(tmp_path, f"model={model}", "task.patch_size=[64,64,64]", f"precision={precision}")
+    cfg = bench_config(tmp_path, f"model={model}", "task.patch_size=[64,64,64]", f"precision={precision}")
     predicted = predict_step(cfg).peak_bytes
-    measured = measured_step_peak(cfg)["peak_bytes"]  # from before the warm-up, as the references
+    # the real Trainer step, from before the warm-up, as the references
+    measured = measure(cfg, cfg.data.batch_size, torch.device("cuda"))["peak_with_warmup_gib"] * 2**30
     assert predicted == pytest.approx(measured, rel=0.10)
 
 
@@ -184,7 +190,34 @@ def test_automatic_batch_needs_a_gpu_and_says_so(tmp_path):
 def test_automatic_batch_records_prediction_and_measured_peak(tmp_path):
     overrides = [*tiny_synthetic_overrides(), "hardware=gpu", "data.batch_size=auto", "trainer.max_epochs=1"]
     train(compose_config(tmp_path, overrides))
-    auto = json.loads((tmp_path / "run" / "environment.json").read_text())["batch"]["auto"]
+    auto = json.loads((tmp_path / "run" / "environment.json").read_text())["fast_path"]["auto_batch"]
     # 5 training cases: the batch the memory allows is capped at what the cases supply, and predicted again
     assert auto["chosen"] >= auto["capped_by_cases"] == 10
     assert 0 < auto["measured_train_peak_gib"] < auto["predicted_peak_gib"] <= auto["free_gib"]
+
+
+MODEL_CHOICES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+OBJECTIVES = [  # recipe and loss: clipping and the schedule come with the recipe
+    ("reference_talk", "dice"),
+    ("reference_talk", "dice_ce"),
+    ("nnunet", "dice_ce"),
+    ("nnunet", "dice"),
+]
+
+
+@pytest.mark.parametrize("model", MODEL_CHOICES)
+@pytest.mark.parametrize("recipe,loss", OBJECTIVES)
+def test_the_fake_step_allocates_what_the_module_step_allocates_on_real_tensors(
+    tmp_path, model, recipe, loss
+):
+    # the planner runs the module's own step on fake tensors with a stand-in for MONAI's loss (which
+    # reads values); on real CPU tensors it runs that loss itself: both must charge the same blocks
+    point = [f"model={model}", "model.width=4", "task.patch_size=[32,32,32]", "data.batch_size=1"]
+    variants = [["precision=16"], ["precision=32", "callbacks.weight_average=null"]]
+    if model == "dynunet":
+        variants.append(["precision=bf16", "model.deep_supervision=false"])
+    for variant in variants:
+        cfg = plan_config(tmp_path, *point, f"recipe={recipe}", f"loss={loss}", *variant)
+        fake = predict_step(cfg, workspace_bytes=0)
+        real = predict_step(cfg, workspace_bytes=0, fake=False)
+        assert abs(fake.peak_bytes - real.peak_bytes) <= 4 * 512, (variant, fake.breakdown, real.breakdown)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_seg.report import write_report
+from lightning_seg.study.report import write_report
 from lightning_seg.training import train
 
 from .conftest import compose_config, learnable_synthetic_overrides

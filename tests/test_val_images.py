@@ -6,7 +6,7 @@ import re
 import matplotlib.image as mpimg
 import numpy as np
 
-from lightning_seg.callbacks.val_images import busiest_slices
+from lightning_seg.study.callbacks.val_images import busiest_slices
 from lightning_seg.training import train
 
 from .conftest import compose_config, tiny_synthetic_overrides

@@ -31,6 +31,8 @@ from lightning_seg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CACHES = ("memory", "disk", "gpu", "none")
+AUTO = "auto"  # data.batch_size chosen at setup by the study's memory planner (callbacks.auto_batch)
+SPLIT_KEY = "split"  # in the datamodule's state, which Lightning saves in every checkpoint
 LOADERS = {"torch": DataLoader, "thread": ThreadDataLoader}
 
 
@@ -59,7 +61,7 @@ class MSDDataModule(LightningDataModule):
         task_dir: str,
         task: Mapping,
         cache_dir: str | None = None,
-        batch_size: int = 2,
+        batch_size: int | str = 2,
         samples_per_volume: int = 2,
         pos_neg_ratio: Sequence[float] = (1, 1),
         augment: bool = True,
@@ -79,7 +81,7 @@ class MSDDataModule(LightningDataModule):
         split: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
     ) -> None:
         super().__init__()
-        if batch_size % samples_per_volume:
+        if batch_size != AUTO and batch_size % samples_per_volume:
             raise ConfigError(
                 f"data.batch_size={batch_size} must be a multiple of "
                 f"data.samples_per_volume={samples_per_volume}"
@@ -215,7 +217,7 @@ class MSDDataModule(LightningDataModule):
 
     def state_dict(self) -> dict:
         """The split goes into every checkpoint: a resume trains on the same cases."""
-        return {"split": {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}}
+        return {SPLIT_KEY: {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}}
 
     def _dataset(self, cases, transform, cache: str, split: str) -> Dataset:
         if cache in ("memory", "gpu"):
@@ -242,6 +244,11 @@ class MSDDataModule(LightningDataModule):
         return root / "preprocessed" / f"{self.task['name']}-{split}-{digest}"
 
     def train_dataloader(self) -> DataLoader:
+        if self.batch_size == AUTO:
+            raise ConfigError(
+                "data.batch_size=auto is chosen by the memory planner's callback (callbacks.auto_batch, "
+                "in the default `measure` group): add it back, or give data.batch_size a number"
+            )
         on_gpu = self.cache == "gpu"
         rank, world = self._rank_and_world()
         sampler = None
@@ -324,3 +331,12 @@ def given_split(cases: list, split: Mapping, task_dir: Path) -> tuple[list, list
             f"({shown}): resume with the data the run started on"
         )
     return parts[0], parts[1], parts[2]
+
+
+def split_in_checkpoint(checkpoint: Mapping) -> dict | None:
+    """The split a checkpoint's datamodule state holds, or None. Lightning keys that state by the
+    datamodule's class name, so it is found by its content: a subclass's checkpoints have it too."""
+    for value in checkpoint.values():
+        if isinstance(value, Mapping) and isinstance(value.get(SPLIT_KEY), Mapping):
+            return dict(value[SPLIT_KEY])
+    return None

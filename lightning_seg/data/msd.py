@@ -16,6 +16,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from lightning_seg.errors import UserError
+from lightning_seg.run_dir import write_atomic
 
 # mm: headers written by different tools differ by rounding; a real mismatch is far larger
 AFFINE_RTOL, AFFINE_ATOL = 1e-3, 1e-2
@@ -92,7 +93,7 @@ def check_dataset(
     passed = [case for case, problem in zip(todo, results, strict=True) if problem is None]
     if memo_path is not None and passed:  # remembered even when other cases fail: a rerun reads only those
         memo.update({case["image"]: _stamp(case) for case in passed})
-        _write_memo(memo_path, memo)
+        write_atomic(memo_path, json.dumps(memo))  # a crash never leaves a half-written memo
     problems = [problem for problem in results if problem]
     if missing or problems:  # every problem at once: one fix-and-rerun round, not one per file
         heads = [f"{len(missing)} file(s) listed in {where} do not exist"] if missing else []
@@ -200,10 +201,3 @@ def _read_memo(path: Path | None) -> dict:
         return json.loads(path.read_text()) if path else {}
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _write_memo(path: Path, memo: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written memo

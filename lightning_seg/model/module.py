@@ -7,17 +7,30 @@ from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
-from pytorch_lightning import LightningModule
+from pytorch_lightning import LightningModule, Trainer
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
-from lightning_seg.callbacks.amp_guard import grad_scaler, loss_scale
 from lightning_seg.checkpoint_format import stamp, upgrade
 from lightning_seg.model.compile import compile_unavailable_reason
 from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.scoring import Regions, scored_structures, structure_masks
 
 log = logging.getLogger(__name__)
+
+
+def grad_scaler(trainer: Trainer | None) -> torch.amp.GradScaler | None:
+    """The grad scaler of Lightning's mixed-precision plugin: fp16 AMP (`precision=16` on a GPU) has one;
+    bf16, fp32 and `16-mixed` on a CPU (Lightning runs bf16 there) have none."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def loss_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | float:
+    """The current scale, as a copy of the scaler's device tensor (reading it does not wait for the GPU;
+    `update()` changes the original in place), or the initial float before the first backward."""
+    scale = scaler._get_scale_async()
+    return scaler.get_scale() if scale is None else scale.detach().clone()
 
 
 class SegmentationModule(LightningModule):
@@ -30,7 +43,18 @@ class SegmentationModule(LightningModule):
     update the grad scaler skipped does not advance a step-interval scheduler.
     Checkpoints carry their format version (`lightning_seg.checkpoint_format`); a resume migrates
     older ones and refuses newer ones.
+
+    `step_loss` is the one definition of the training step's computation: Lightning runs it here, and
+    the study's benchmark and memory planner run the same method.
     """
+
+    # what callbacks and the study read, set in __init__ (and nowhere else)
+    net: nn.Module  # the network: StepBreakdown hooks its forward
+    labels: list[str]  # label names, background first: ValidationImages' legend
+    fast_path: dict[str, Any]  # what the fast-path switches became here: environment.json
+    # under fp16 AMP: whether the grad scaler skipped the last optimizer step (a device bool tensor);
+    # AmpGuard counts the skips
+    amp_step_skipped: torch.Tensor | bool | None
 
     def __init__(
         self,
@@ -64,8 +88,7 @@ class SegmentationModule(LightningModule):
         self.memory_format = torch.channels_last_3d if channels_last_3d else torch.contiguous_format
         # what the fast-path switches became on this machine (environment.json records it)
         self.fast_path: dict[str, Any] = {"compiled": False, "channels_last_3d": channels_last_3d}
-        # under fp16 AMP: whether the grad scaler skipped the last optimizer step (a device bool tensor)
-        self.amp_step_skipped: torch.Tensor | bool | None = None
+        self.amp_step_skipped = None
 
     def configure_model(self) -> None:
         """Memory layout and torch.compile, applied once before the first step (Lightning calls this
@@ -91,8 +114,12 @@ class SegmentationModule(LightningModule):
         with torch.autocast(logits.device.type, enabled=False):
             return segmentation_loss(self.loss, logits.float(), target)
 
+    def step_loss(self, batch: dict) -> torch.Tensor:
+        """The training loss of one batch of patches: forward, then the loss in fp32."""
+        return self.compute_loss(self(batch["image"]), batch["label"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(self(batch["image"]), batch["label"])
+        loss = self.step_loss(batch)
         # synced: under DDP the epoch value is the mean over every process's patches
         self.log(
             "train/loss",
@@ -137,7 +164,8 @@ class SegmentationModule(LightningModule):
             self.log(f"val/dice_{name}", value, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(params=self.parameters(), **self._fused_kwargs())
+        trainer = self.trainer
+        optimizer = self.build_optimizer(self.device, trainer.gradient_clip_val, trainer.precision)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         return {
@@ -178,22 +206,27 @@ class SegmentationModule(LightningModule):
         source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
         upgrade(checkpoint, source)
 
-    def _fused_kwargs(self) -> dict:
-        """`fused=True` where it is asked for, the device is a GPU and the optimizer has the option."""
+    def build_optimizer(
+        self, device: torch.device, clip: float | None, precision: str
+    ) -> torch.optim.Optimizer:
+        """The optimizer as a run on `device` with gradient clipping `clip` at Trainer `precision` builds it:
+        `fused=True` where it is asked for, the device is a GPU and the optimizer has the option."""
         self.fast_path["fused_optimizer"] = False
-        if not self.hparams.fused_adam or self.device.type != "cuda":
-            return {}
         target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
-        if "fused" not in inspect.signature(target).parameters:
+        options = inspect.signature(target).parameters
+        if not self.hparams.fused_adam or torch.device(device).type != "cuda":
+            return self.optimizer_factory(params=self.parameters())
+        if "fused" not in options:
             log.info("speed.fused_adam: %s has no fused kernel; using the plain one", target.__name__)
-            return {}
-        trainer = self.trainer
-        if trainer.gradient_clip_val and trainer.precision == "16-mixed":
+        elif clip and precision == "16-mixed":
             # Lightning refuses to clip gradients that a fused optimizer unscales internally
             log.warning(
                 "speed.fused_adam: gradient clipping under precision=16 needs the plain optimizer; "
                 "fused kernel off"
             )
-            return {}
-        self.fast_path["fused_optimizer"] = True
-        return {"fused": True}
+        else:
+            self.fast_path["fused_optimizer"] = True
+            return self.optimizer_factory(params=self.parameters(), fused=True)
+        # CUDA's default for an unfused optimizer, said explicitly (the planner builds it on fake CPU tensors)
+        extra = {"foreach": True} if "foreach" in options else {}
+        return self.optimizer_factory(params=self.parameters(), **extra)

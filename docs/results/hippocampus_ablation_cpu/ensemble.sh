@@ -12,7 +12,7 @@ budget=${2:-00:00:11:00}
 folds=${3:-5}
 shift $(( $# < 3 ? $# : 3 ))
 mkdir -p "$out"
-data=${DATA_DIR:-../shared/data}
+data=${DATA_DIR:?set DATA_DIR to the folder holding Task04_Hippocampus}
 task_dir="$data/Task04_Hippocampus"
 best=()
 for ((k = 0; k < folds; k++)); do

@@ -11,7 +11,7 @@ shift $(( $# > 1 ? 2 : 1 ))
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(reference_talk poly_schedule augmentation dice_ce clip_12 nnunet_all)
 mkdir -p "$out"
-data=${DATA_DIR:-../shared/data}
+data=${DATA_DIR:?set DATA_DIR to the folder holding Task04_Hippocampus}
 common=(task=hippocampus "paths.data_dir=$data" data.test_fraction=0.2 "trainer.max_time=$budget"
         trainer.enable_progress_bar=false)
 declare -A variants=(

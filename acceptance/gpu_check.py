@@ -1,6 +1,8 @@
-"""`make gpu-check`: one prepared run that shows what the fast path does on a GPU.
+"""`make gpu-check`: the project's own acceptance run on a GPU, with its targets (the reference talk's
+AMP speed-ups, the bare-loop ratios, the loader's rate). Not part of the installed package: it checks
+the package from a checkout.
 
-usage: python -m lightning_seg.gpu_check [--data-dir DIR] [--report-dir DIR] [--anchor FILE] [--dry]
+usage: python acceptance/gpu_check.py [--data-dir DIR] [--report-dir DIR] [--dry]
 
 Parts, each recorded on its own (a failing part is written into the report and the rest go on):
 1. the reference grid (128^3 b2 and b8 with the bare PyTorch loop side by side, 160^3 b8) in
@@ -12,7 +14,7 @@ Parts, each recorded on its own (a failing part is written into the report and t
 4. the real training loader against synthetic input, CPU cache and GPU cache;
 5. short real-data trainings (hippocampus) at 32, 16 and bf16: time to each Dice threshold and
    the loader's wait;
-6. the memory planner (`lightning_seg.plan`) at the reference points: predicted against measured
+6. the memory planner (`lightning_seg.study.memory`) at the reference points: predicted against measured
    `torch.cuda.max_memory_allocated` (dry: predictions only).
 
 Runs in the Python environment it is started from: no install, no download. `--dry` runs every
@@ -32,17 +34,20 @@ import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 
-from lightning_seg.bench.__main__ import attempt, load_anchor, prepared_datamodule, run_point
-from lightning_seg.bench.tables import LABEL, loader_table, markdown_table, plot_memory, plot_phases
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.environment import environment_info
+from lightning_seg.precision import PRECISIONS, label
+from lightning_seg.run_dir import RunDir
+from lightning_seg.study.bench.__main__ import attempt, prepared_datamodule, run_point
+from lightning_seg.study.bench.step import measure
+from lightning_seg.study.bench.tables import loader_table, markdown_table, plot_memory, plot_phases
 
-log = logging.getLogger("lightning_seg.gpu_check")
+log = logging.getLogger("gpu_check")
 ROOT = Path(__file__).resolve().parents[1]
 
 # sizes: the full run fits in about 8 minutes of an H100/H200; dry runs the same parts on a CPU
 FULL = {
-    "grid_anchor_points": [[128, 2], [128, 8]],
+    "grid_bare_points": [[128, 2], [128, 8]],
     "grid_points": [[160, 8]],
     "switch_point": [128, 2],
     "switch_precision": "16",
@@ -52,7 +57,7 @@ FULL = {
     "loader_steps": ["bench.warmup=5", "bench.steps=40"],
     "loader_precisions": ["32", "16"],
     "train_time": "00:00:00:40",
-    # the planner's reference points (BENCHMARKS.md): model, patch edge, batch, precision
+    # the planner's reference points (docs/benchmarks/gpu_anchors.md): model, patch edge, batch, precision
     "plan_points": [
         ("basic_unet", 128, 2, "32"),
         ("basic_unet", 128, 2, "16"),
@@ -66,7 +71,7 @@ FULL = {
     ],
 }
 DRY = {
-    "grid_anchor_points": [[32, 1]],
+    "grid_bare_points": [[32, 1]],
     "grid_points": [[32, 2]],
     "switch_point": [32, 1],
     # fp32: compiled bf16 autocast on a CPU gave intermittent NaN losses, in a bare PyTorch loop too
@@ -81,12 +86,11 @@ DRY = {
     "train_time": "00:00:00:08",
     "plan_points": [("basic_unet", 32, 1, "32"), ("basic_unet", 32, 1, "16")],
 }
-PRECISIONS = ["32", "tf32", "16", "bf16"]
 # each switch alone, against the default step (cuDNN benchmark on, fused Adam on, eager)
 SWITCHES = {
     "default": [],
-    "cuDNN benchmark off": ["cudnn_benchmark=false"],
-    "deterministic kernels": ["deterministic=warn"],
+    "cuDNN benchmark off": ["trainer.benchmark=false"],
+    "deterministic kernels": ["trainer.deterministic=warn"],
     "reproducible=true (both)": ["reproducible=true"],
     "fused Adam off": ["speed.fused_adam=false"],
     "channels_last_3d": ["speed.channels_last_3d=true"],
@@ -108,14 +112,12 @@ class Check:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.report_dir = Path(args.report_dir)
         self.work = ROOT / "outputs" / "gpu_check" / "work" / time.strftime("%Y%m%d-%H%M%S")
-        self.data_dir = Path(args.data_dir)
-        self.real_data = (self.data_dir / "Task04_Hippocampus" / "dataset.json").is_file() and not self.dry
-        self.anchor = load_anchor(args.anchor) if Path(args.anchor).is_file() else None
+        self.data_dir = Path(args.data_dir) if args.data_dir else None
+        hippocampus = self.data_dir and (self.data_dir / "Task04_Hippocampus" / "dataset.json").is_file()
+        self.real_data = bool(hippocampus) and not self.dry
         self.notes: list[str] = []
-        if self.anchor is None:
-            self.notes.append(f"bare loop not found at {args.anchor}: no side-by-side anchor columns")
         if not self.real_data:
-            why = "dry run" if self.dry else f"no Task04_Hippocampus under {self.data_dir}"
+            why = "dry run" if self.dry else f"no Task04_Hippocampus under --data-dir {self.data_dir}"
             self.notes.append(f"{why}: the loader and training parts use the synthetic task")
 
     def paths(self, name: str) -> list[str]:
@@ -136,11 +138,11 @@ class Check:
     def grid(self) -> list[dict]:
         s = self.sizes
         base = [*self.paths("grid"), *s["model"], *s["grid_steps"]]
-        points = [(e, b, self.anchor) for e, b in s["grid_anchor_points"]]
-        points += [(e, b, None) for e, b in s["grid_points"]]
+        points = [(e, b, True) for e, b in s["grid_bare_points"]]
+        points += [(e, b, False) for e, b in s["grid_points"]]
         return [
-            run_point(base, p, "basic_unet", edge, batch, self.device, anchor, None)
-            for edge, batch, anchor in points
+            run_point(base, p, "basic_unet", edge, batch, self.device, bare, None)
+            for edge, batch, bare in points
             for p in PRECISIONS
         ]
 
@@ -150,12 +152,12 @@ class Check:
         base = [*self.paths("switches"), *s["model"], *s["switch_steps"]]
         precision = s["switch_precision"]
         rows = {
-            name: run_point([*base, *extra], precision, "basic_unet", edge, batch, self.device, None, None)
+            name: run_point([*base, *extra], precision, "basic_unet", edge, batch, self.device, False, None)
             for name, extra in SWITCHES.items()
         }
         # the bare loop's fp16 AMP, plain and compiled, beside the project's plain AMP and fast path
         rows["plain AMP (fused Adam off)"] = run_point(
-            [*base, *PLAIN_AMP], precision, "basic_unet", edge, batch, self.device, self.anchor, None
+            [*base, *PLAIN_AMP], precision, "basic_unet", edge, batch, self.device, True, None
         )
         # dry: the bare loop's compile would be an Inductor build (minutes on a CPU)
         rows["fast: compile + fused Adam + cuDNN benchmark"] = run_point(
@@ -165,7 +167,7 @@ class Check:
             edge,
             batch,
             self.device,
-            None if self.dry else self.anchor,
+            not self.dry,
             None,
         )
         return rows
@@ -186,24 +188,33 @@ class Check:
         return records
 
     def plan(self) -> list[dict]:
-        """Predicted peak of each reference point next to the measured one (a GPU only)."""
-        from lightning_seg.plan import predict_step
-        from lightning_seg.plan.measure import measured_step_peak
+        """Predicted peak of each reference point next to the measured one: the same config, predicted
+        by the memory planner and run by the benchmark's real Trainer step (a GPU only)."""
+        from lightning_seg.study.memory import predict_step
 
         records = []
         for model, edge, batch, precision in self.sizes["plan_points"]:
-            overrides = [*self.paths("plan"), "task=spleen", f"model={model}", *self.sizes["model"]]
-            cfg = compose(config_name="plan", overrides=overrides)
+            overrides = [
+                *self.paths("plan"),
+                "task=spleen",
+                f"model={model}",
+                f"precision={precision}",
+                f"task.patch_size=[{edge},{edge},{edge}]",
+                f"data.batch_size={batch}",
+                "bench.warmup=3",
+                "bench.steps=3",
+                *self.sizes["model"],
+            ]
+            cfg = compose(config_name="bench", overrides=overrides)
             record = {"model": model, "patch": edge, "batch": batch, "precision": precision}
-            point = {"batch": batch, "patch": [edge] * 3, "precision": precision}
-            record["predicted_gib"] = predict_step(cfg, **point).peak_gib
+            record["predicted_gib"] = predict_step(cfg).peak_gib
             if self.device.type == "cuda":
-                measured = attempt("plan", lambda cfg=cfg, p=point: measured_step_peak(cfg, **p), self.device)
+                measured = attempt("plan", lambda cfg=cfg, b=batch: measure(cfg, b, self.device), self.device)
                 if "error" in measured:
                     record["error"] = measured["error"]
-                else:
-                    record["measured_gib"] = measured["peak_bytes"] / 2**30
-                    record["measured_warm_gib"] = measured["warm_peak_bytes"] / 2**30
+                else:  # from before the warm-up, as the reference peaks were measured
+                    record["measured_gib"] = measured["peak_with_warmup_gib"]
+                    record["measured_warm_gib"] = measured["peak_memory_gib"]
             records.append(record)
         return records
 
@@ -230,10 +241,10 @@ def _training_record(precision: str, run: Path, outcome: dict) -> dict:
     record = {"precision": precision, "run_dir": str(run)}
     if "error" in outcome:
         return {**record, **outcome}
-    metrics = pd.read_csv(run / "csv" / "metrics.csv")
+    metrics = pd.read_csv(RunDir(run).metrics_csv)
     val = metrics.dropna(subset=["val/dice"])
     last = val.iloc[-1] if len(val) else None  # a run can end before its first validation
-    tta = json.loads((run / "time_to_accuracy.json").read_text())
+    tta = json.loads(RunDir(run).time_to_accuracy_json.read_text())
     return {
         **record,
         "steps": int(metrics["step"].max()),
@@ -271,13 +282,13 @@ def goals(grid: list[dict], switches: dict, loader: list[dict]) -> list[str]:
         (plain, "plain fp16 AMP", "0.5 (aim)"),
         (fast, "fp16 AMP + compile", "<= 1.0"),
     ):
-        if total(fast) and total(bare, "anchor"):
-            ratio = total(fast) / total(bare, "anchor")
+        if total(fast) and total(bare, "bare"):
+            ratio = total(fast) / total(bare, "bare")
             lines.append(f"| fast step / bare-loop {name} | {ratio:.2f} | {target} |")
     for record in loader:
         if "loader_over_synthetic_rate" in record:
             lines.append(
-                f"| loader / synthetic rate, {LABEL[record['precision']]}, data.cache={record['cache']} "
+                f"| loader / synthetic rate, {label(record['precision'])}, data.cache={record['cache']} "
                 f"| {record['loader_over_synthetic_rate']:.2f} | >= 0.9 |"
             )
     return lines
@@ -295,7 +306,7 @@ def switch_table(switches: dict) -> list[str]:
         if "median_s" not in ours:
             lines.append(f"| {name} | {ours.get('error', 'not run')} | | | | | | |")
             continue
-        m, bare = ours["median_s"], point.get("anchor", {}).get("median_s", {}).get("total")
+        m, bare = ours["median_s"], point.get("bare", {}).get("median_s", {}).get("total")
         fallback = ours["fast_path"].get("compile_fallback")
         lines.append(
             f"| {name}{f' (eager: {fallback})' if fallback else ''} | {m['total']:.4f} | "
@@ -314,7 +325,7 @@ def training_table(runs: list[dict]) -> list[str]:
     ]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {LABEL[r['precision']]} | {r['error']} |" + " |" * (4 + len(thresholds)))
+            lines.append(f"| {label(r['precision'])} | {r['error']} |" + " |" * (4 + len(thresholds)))
             continue
         times = " | ".join(
             f"{r['time_to_dice_s'][f'{t:g}']:.1f}" if f"{t:g}" in r["time_to_dice_s"] else "not reached"
@@ -324,7 +335,7 @@ def training_table(runs: list[dict]) -> list[str]:
         peak = r.get("memory/train_peak_gib")
         best = r["best_val_dice"]
         lines.append(
-            f"| {LABEL[r['precision']]} | {r['steps']} | {f'{best:.3f}' if best is not None else '-'} | "
+            f"| {label(r['precision'])} | {r['steps']} | {f'{best:.3f}' if best is not None else '-'} | "
             f"{times} | {f'{100 * wait:.1f}%' if wait is not None else '-'} | "
             f"{r.get('perf/samples_per_s', float('nan')):.1f} | {f'{peak:.2f}' if peak else '-'} |"
         )
@@ -342,7 +353,7 @@ def plan_table(records: list[dict]) -> list[str]:
         predicted = r["predicted_gib"]
         error = f"{100 * (predicted / measured - 1):+.1f}%" if measured else r.get("error") or "no GPU"
         lines.append(
-            f"| {r['model']} | {r['patch']}^3, {r['batch']} | {LABEL[r['precision']]} | {predicted:.2f} "
+            f"| {r['model']} | {r['patch']}^3, {r['batch']} | {label(r['precision'])} | {predicted:.2f} "
             f"| {f'{measured:.2f}' if measured else '-'} | {error} | {f'{warm:.2f}' if warm else '-'} |"
         )
     return lines
@@ -352,11 +363,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument(
+        "--data-dir", default="", help="folder holding Task04_Hippocampus (default: synthetic)"
+    )
     parser.add_argument(
         "--report-dir", default="", help="default docs/benchmarks/gpu/<card>/ (dry: outputs/)"
     )
-    parser.add_argument("--anchor", default=str(ROOT.parent / "shared" / "bench" / "anchor_step.py"))
     parser.add_argument("--dry", action="store_true", help="tiny sizes: checks the command on a CPU")
     args = parser.parse_args()
     if not args.report_dir:
@@ -413,7 +425,7 @@ def write_report(check: Check, results: dict, seconds: float) -> None:
         *goals(grid, switches, loader),
         "",
         markdown_table(grid_result).replace("# Training-step", "## Reference grid: training-step", 1),
-        f"## Each switch alone ({LABEL[check.sizes['switch_precision']]})",
+        f"## Each switch alone ({label(check.sizes['switch_precision'])})",
         "",
         *switch_table(switches),
         "",
@@ -425,7 +437,7 @@ def write_report(check: Check, results: dict, seconds: float) -> None:
         "",
         *training_table(training),
         "",
-        "## Memory planner: predicted against measured peak (`python -m lightning_seg.plan`)",
+        "## Memory planner: predicted against measured peak (`python -m lightning_seg.study.memory`)",
         "",
         *plan_table(results["plan"] if isinstance(results["plan"], list) else []),
         "",

@@ -4,6 +4,7 @@ import time
 from typing import Any
 
 from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 
@@ -21,6 +22,13 @@ class TrainingClock(Callback):
         self._segment_start: float | None = None
         self._fit_start: float | None = None
         self._wall_at_fit_start = 0.0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                # W&B plots validation curves against training time, not steps
+                logger.experiment.define_metric("time/train_s")
+                logger.experiment.define_metric("val/*", step_metric="time/train_s")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start = time.perf_counter()

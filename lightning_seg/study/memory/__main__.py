@@ -1,4 +1,4 @@
-"""`python -m lightning_seg.plan task=spleen model=basic_unet precision=16 data.batch_size=2`
+"""`python -m lightning_seg.study.memory task=spleen model=basic_unet precision=16 data.batch_size=2`
 
 Prints the predicted peak GPU memory of one warm training step with its breakdown, the peak of
 sliding-window validation and prediction on the task's largest volume, and with `plan.gpu=A100-40`
@@ -17,9 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError
-from lightning_seg.plan.fit import GPUS, fit_table, markdown_fit
-from lightning_seg.plan.sliding_window import largest_volume, predict_sliding_window
-from lightning_seg.plan.step import averages_weights, model_name, predict_step
+from lightning_seg.study.memory.fit import GPUS, fit_table, markdown_fit
+from lightning_seg.study.memory.sliding_window import largest_volume, predict_sliding_window
+from lightning_seg.study.memory.step import averages_weights, model_name, predict_step
+from lightning_seg.task import check_task
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def report(result: dict, model: str) -> str:
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     with user_errors(cfg):
+        check_task(cfg)
         result = plan(cfg)
         result["config"] = {
             "task": cfg.task.name,

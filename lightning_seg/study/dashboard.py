@@ -1,15 +1,14 @@
 """A dashboard for a sweep: the hosted W&B workspace, or the same content as a local HTML page.
 
-usage: python -m lightning_seg.dashboard SWEEP_DIR [--out DIR] [--online --entity ENTITY]
+usage: python -m lightning_seg.study.dashboard SWEEP_DIR [--out DIR] [--online --entity ENTITY]
 
 Offline (the default) it writes SWEEP_DIR/dashboard/index.html from the run dirs: validation Dice
-against training time, the time-to-accuracy and equal-accuracy tables (lightning_seg.report's, from
+against training time, the time-to-accuracy and equal-accuracy tables (lightning_seg.study.report's, from
 each run's time_to_accuracy.json), step-phase and peak-memory bars, the AMP loss scale and each
 run's latest segmentation overlays (callbacks.val_images). `--online` saves the same panels as a
 W&B workspace over the sweep's W&B group (needs `wandb login` and the runs synced).
 """
 
-import argparse
 import html
 import os
 from pathlib import Path
@@ -21,9 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lightning_seg import report  # noqa: E402
-from lightning_seg.callbacks.step_breakdown import PHASES  # noqa: E402
-from lightning_seg.callbacks.val_images import WANDB_KEY  # noqa: E402
+from lightning_seg.run_dir import RunDir  # noqa: E402
+from lightning_seg.study import report  # noqa: E402
+from lightning_seg.study.callbacks.step_breakdown import PHASES  # noqa: E402
+from lightning_seg.study.callbacks.val_images import WANDB_KEY  # noqa: E402
 
 PHASE_COLUMNS = [f"step/{phase}_s" for phase in PHASES]
 LOSS_SCALE = "train/loss_scale"
@@ -35,7 +35,7 @@ def run_name(run: report.Run, sweep_dir: Path) -> str:
 
 def _full_log(run: report.Run) -> pd.DataFrame:
     """Every row of the run's metrics.csv (the report keeps only validation rows)."""
-    return pd.read_csv(run.path / "csv" / "metrics.csv")
+    return pd.read_csv(RunDir(run.path).metrics_csv)
 
 
 def plot_phases(runs: list[report.Run], names: list[str], out: Path) -> Path | None:
@@ -93,7 +93,7 @@ def _save(fig, path: Path) -> Path:
 
 def latest_overlays(run: report.Run) -> list[Path]:
     """The run's overlay PNGs of its last validation (file names start with epoch and step)."""
-    pictures = sorted((run.path / "val_images").glob("epoch*-step*-*.png"))
+    pictures = sorted(RunDir(run.path).val_images.glob("epoch*-step*-*.png"))
     if not pictures:
         return []
     last = pictures[-1].name.split("-")[:2]
@@ -222,10 +222,7 @@ def workspace(sweep_dir: Path, entity: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("sweep_dir", type=Path)
+    parser = report.sweep_parser(__doc__)
     parser.add_argument("--out", type=Path, default=None, help="offline page folder (SWEEP_DIR/dashboard)")
     parser.add_argument("--online", action="store_true", help="save the hosted W&B workspace")
     parser.add_argument("--entity", default=None, help="W&B entity (user or team) for --online")
@@ -239,7 +236,7 @@ def main() -> None:
     print(f"dashboard page: {write_page(args.sweep_dir, args.out)}")
     print(
         "the hosted W&B dashboard needs an online W&B login: `wandb login`, `wandb sync` the runs' "
-        f"wandb/offline-run-* folders, then python -m lightning_seg.dashboard {args.sweep_dir} "
+        f"wandb/offline-run-* folders, then python -m lightning_seg.study.dashboard {args.sweep_dir} "
         "--online --entity ENTITY"
     )
 

@@ -1,6 +1,6 @@
 """Time-to-accuracy report for a sweep: PNG plots, Markdown tables and CSVs.
 
-usage: python -m lightning_seg.report SWEEP_DIR [--out DIR] [--no-wandb]
+usage: python -m lightning_seg.study.report SWEEP_DIR [--out DIR] [--no-wandb]
 
 Reads every run below SWEEP_DIR (a run is a folder with csv/metrics.csv, .hydra/config.yaml and
 time_to_accuracy.json). Threshold times and best Dice come from each run's time_to_accuracy.json,
@@ -23,8 +23,10 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-PRECISION_ORDER = ["32", "tf32", "16", "bf16"]
-PRECISION_LABEL = {"32": "fp32", "tf32": "TF32", "16": "fp16 AMP", "bf16": "bf16 AMP"}
+from lightning_seg.precision import PRECISIONS, label  # noqa: E402
+from lightning_seg.run_dir import RunDir  # noqa: E402
+
+PRECISION_ORDER = list(PRECISIONS)
 COLOURS = {"32": "tab:blue", "tf32": "tab:purple", "16": "tab:orange", "bf16": "tab:green"}
 
 
@@ -41,7 +43,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return PRECISION_LABEL.get(self.precision, self.precision)
+        return label(self.precision)
 
     @property
     def thresholds(self) -> list[float]:
@@ -64,14 +66,14 @@ class Run:
 def load_runs(sweep_dir: Path) -> list[Run]:
     runs = []
     for metrics in sorted(sweep_dir.glob("**/csv/metrics.csv")):
-        run_dir = metrics.parent.parent
-        config_file = run_dir / ".hydra" / "config.yaml"
+        run = RunDir(metrics.parent.parent)
+        run_dir, config_file = run.path, run.config_yaml
         if not config_file.is_file():
             continue
         log = pd.read_csv(metrics)
         if "val/dice" not in log:
             continue
-        tta_file = run_dir / "time_to_accuracy.json"
+        tta_file = run.time_to_accuracy_json
         if not tta_file.is_file():
             print(
                 f"skipping {run_dir}: no time_to_accuracy.json (callbacks.time_to_accuracy off?)",
@@ -80,7 +82,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
             continue
         cfg = OmegaConf.load(config_file)
         curve = log.dropna(subset=["val/dice"]).reset_index(drop=True)
-        env_file = run_dir / "environment.json"
+        env_file = run.environment_json
         env = json.loads(env_file.read_text()) if env_file.is_file() else {}
         runs.append(
             Run(
@@ -111,7 +113,7 @@ _HparamsLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader,
 def _wandb_config(run_dir: Path) -> dict | None:
     """logger.wandb as the run resolved it (csv/hparams.yaml; .hydra/config.yaml keeps the
     interpolations, some of which only resolve inside Hydra)."""
-    hparams = run_dir / "csv" / "hparams.yaml"
+    hparams = RunDir(run_dir).hparams_yaml
     if not hparams.is_file():
         return None
     resolved = yaml.load(hparams.read_text(), Loader=_HparamsLoader) or {}
@@ -146,7 +148,7 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for precision, group in _groups(runs).items():
         row = {
-            "precision": PRECISION_LABEL.get(precision, precision),
+            "precision": label(precision),
             "runs": len(group),
             "seeds": ",".join(str(r.seed) for r in group),
         }
@@ -164,7 +166,7 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
                 break
         rows.append(row)
     table = pd.DataFrame(rows)
-    base = table[table["precision"] == PRECISION_LABEL["32"]]
+    base = table[table["precision"] == label("32")]
     for t in thresholds:
         column = f"time to {t:g} (s)"
         table[f"speed-up vs fp32 at {t:g}"] = (
@@ -205,14 +207,14 @@ def equal_accuracy(runs: list[Run]) -> tuple[pd.DataFrame, str]:
         else:
             verdict = "yes" if abs(delta) > spread else "no"
             if verdict == "yes":
-                differ.append(PRECISION_LABEL.get(precision, precision))
+                differ.append(label(precision))
         rows.append(
             {
-                "precision": PRECISION_LABEL.get(precision, precision),
+                "precision": label(precision),
                 "seeds": len(values),
                 "best val/dice mean": float(np.mean(values)),
                 "best val/dice spread": _spread(values),
-                f"difference vs {PRECISION_LABEL.get(reference, reference)}": delta,
+                f"difference vs {label(reference)}": delta,
                 "differs beyond seed spread": verdict,
             }
         )
@@ -362,11 +364,15 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = True) -
     return files
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a command that reads a sweep: its usage text and SWEEP_DIR."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
+    return parser
+
+
+def main() -> None:
+    parser = sweep_parser(__doc__)
     parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/report")
     parser.add_argument("--no-wandb", action="store_true", help="no W&B run for the report's numbers")
     args = parser.parse_args()

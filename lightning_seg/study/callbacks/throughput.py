@@ -2,11 +2,15 @@
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning import Callback, Trainer
 
-from lightning_seg.callbacks.training_clock import TrainingClock
-from lightning_seg.profiler import DataWaitProfiler
+from lightning_seg.study.callbacks.training_clock import TrainingClock
+from lightning_seg.study.profiler import DataWaitProfiler
+
+if TYPE_CHECKING:  # the attributes callbacks read are declared there
+    from lightning_seg.model.module import SegmentationModule
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ class Throughput(Callback):
         self._compile_logged = False
         self._trainer: Trainer | None = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: "SegmentationModule", stage: str) -> None:
         self._trainer = trainer
         if not isinstance(trainer.profiler, DataWaitProfiler):
             log.warning(
@@ -35,29 +39,33 @@ class Throughput(Callback):
                 type(trainer.profiler).__name__,
             )
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: "SegmentationModule", batch, batch_idx
+    ) -> None:
         if len(self._step_starts) < 3:
             self._step_starts.append(time.perf_counter())
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx):
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: "SegmentationModule", outputs, batch, batch_idx
+    ):
         self.samples += len(batch["image"]) * trainer.world_size
         if len(self._step_starts) == 3 and not self._compile_logged:
             self._compile_logged = True
-            if getattr(pl_module, "fast_path", {}).get("compiled"):
+            if pl_module.fast_path["compiled"]:
                 first, second = (
                     b - a for a, b in zip(self._step_starts, self._step_starts[1:], strict=False)
                 )
                 pl_module.fast_path["compile_s"] = max(0.0, first - second)
                 log.info("torch.compile: the first step took %.1f s longer than the second", first - second)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: "SegmentationModule") -> None:
         clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
         if trainer.sanity_checking or clock is None or clock.train_seconds() <= 0:
             return
         train_s = clock.train_seconds()
         # under DDP: samples of all processes; times averaged over the processes
         pl_module.log("perf/samples_per_s", self.samples / train_s, sync_dist=True)
-        if "compile_s" in getattr(pl_module, "fast_path", {}):
+        if "compile_s" in pl_module.fast_path:
             pl_module.log("time/compile_s", pl_module.fast_path["compile_s"], sync_dist=True)
         if isinstance(trainer.profiler, DataWaitProfiler):
             wait = self._data_wait_s(trainer)

@@ -1,13 +1,22 @@
 """Peak memory of training and of validation, logged with every validation."""
 
 import logging
+import resource
+import sys
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from lightning_seg.memory import peak_memory_gib
-
 log = logging.getLogger(__name__)
+
+
+def peak_memory_gib(device: torch.device | str) -> float:
+    """Peak memory of this process: GPU memory allocated by PyTorch, else the CPU resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
 
 # under DDP: the fullest process's peak, the one that runs out of memory first
 MAX_OVER_PROCESSES = {"sync_dist": True, "reduce_fx": "max"}

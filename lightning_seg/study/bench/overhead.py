@@ -1,12 +1,12 @@
 """Lightning's training step against a plain PyTorch loop: same network, patch, batch and data.
 
-The plain loop is the one in ../shared/bench/anchor_hippocampus_cpu.py (zero_grad, forward,
-loss, backward, step over a MONAI DataLoader). Both draw batches from the project's own
+The plain loop is zero_grad, the module's own `step_loss` (forward and loss), backward, step over
+the same MONAI DataLoader, with nothing of Lightning around it. Both draw batches from the project's own
 cached datamodule, run alternately, and are timed per step from one batch start to the next
 (data loading, logging and the progress bar included). Prints the median step times and
 their ratio.
 
-usage: python -m lightning_seg.bench.overhead [--data-dir ../shared/data] [--task hippocampus]
+usage: python -m lightning_seg.study.bench.overhead [--data-dir $DATA_DIR] [--task hippocampus]
 """
 
 import argparse
@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.environment import environment_info
-from lightning_seg.model.deep_supervision import segmentation_loss
+from lightning_seg.training import build_trainer
 
 
 class BatchStartTimes(Callback):
@@ -37,9 +37,8 @@ class BatchStartTimes(Callback):
 
 def plain_loop(cfg, datamodule, steps: int) -> list[float]:
     seed_everything(cfg.seed)
-    net = instantiate(cfg.model)
-    loss_fn = instantiate(cfg.loss)
-    optimizer = instantiate(cfg.optimizer.optimizer)(params=net.parameters())
+    module = instantiate(cfg.module)
+    optimizer = module.build_optimizer(module.device, None, "32-true")
     starts = []
     while len(starts) < steps:
         for batch in datamodule.train_dataloader():
@@ -47,7 +46,7 @@ def plain_loop(cfg, datamodule, steps: int) -> list[float]:
             if len(starts) == steps:
                 break
             optimizer.zero_grad()
-            loss = segmentation_loss(loss_fn, net(batch["image"]), batch["label"])
+            loss = module.step_loss(batch)
             loss.backward()
             optimizer.step()
     return starts
@@ -57,8 +56,8 @@ def lightning_loop(cfg, datamodule, steps: int, log_dir: str) -> list[float]:
     seed_everything(cfg.seed)
     module = instantiate(cfg.module)
     timer = BatchStartTimes()
-    trainer = instantiate(
-        cfg.trainer,
+    trainer = build_trainer(
+        cfg,
         max_steps=steps,
         max_epochs=None,
         limit_val_batches=0,

@@ -5,7 +5,7 @@ the run's `perf/samples_per_s` at its last validation (patches of all processes 
 training time, validation excluded). Runs go A-B-B-A so a drift of the machine hits both sides.
 Prints the table and the ratio; `--out FILE.md` also writes it.
 
-usage: python -m lightning_seg.bench.scaling [--multi hardware=ddp_cpu] [--repeats 2] [OVERRIDE ...]
+usage: python -m lightning_seg.study.bench.scaling [--multi hardware=ddp_cpu] [--repeats 2] [OVERRIDE ...]
 """
 
 import argparse
@@ -18,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from lightning_seg.environment import environment_info
+from lightning_seg.run_dir import RunDir
 
 
 def samples_per_s(overrides: list[str], run_dir: Path) -> float:
     command = [sys.executable, "-m", "lightning_seg.training", *overrides, f"hydra.run.dir={run_dir}"]
     subprocess.run(command, check=True, capture_output=True)
-    log = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    log = pd.read_csv(RunDir(run_dir).metrics_csv)
     return float(log["perf/samples_per_s"].dropna().iloc[-1])
 
 
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {rate:.2f} samples/s", flush=True)
     single, multi = (statistics.median(rates[name]) for name in sides)
     env = environment_info()
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
-        f"`python -m lightning_seg.bench.scaling {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"`python -m lightning_seg.study.bench.scaling {command}`",
         "",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores, torch {env['torch']}, GPU: {env['gpu']}",
         "",

@@ -5,8 +5,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PHASES = ("forward", "backward", "loss", "optimizer")  # the reference table's column order
-LABEL = {"32": "fp32", "tf32": "TF32", "16": "fp16 AMP", "bf16": "bf16 AMP"}
+from lightning_seg.precision import label  # noqa: E402
+from lightning_seg.study.callbacks.step_breakdown import PHASES  # noqa: E402
 
 
 def _ok(points: list[dict]) -> list[dict]:
@@ -37,14 +37,12 @@ def markdown_table(result: dict) -> str:
         f"after {result['bench']['warmup']} warm-up steps; seconds per step. Peak memory: "
         + ("`torch.cuda.max_memory_allocated`." if env["gpu"] else "process peak RSS (grows across points)."),
         "",
-        "| model | patch, batch | method | total | forward | backward | loss | optimizer | peak GiB "
+        f"| model | patch, batch | method | total | {' | '.join(PHASES)} | peak GiB "
         "| TFLOP/s | x vs fp32 | x vs TF32 | bare loop total | ours / bare |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in points:
-        head = (
-            f"| {p['model']} | {patch_label(p)}, {p['batch']} | {LABEL.get(p['precision'], p['precision'])} |"
-        )
+        head = f"| {p['model']} | {patch_label(p)}, {p['batch']} | {label(p['precision'])} |"
         ours = p.get("project", {})
         if "median_s" not in ours:
             lines.append(f"{head} {ours.get('error', 'not run')} |" + " |" * 13)
@@ -54,9 +52,9 @@ def markdown_table(result: dict) -> str:
         for ref in ("32", "tf32"):
             base = [q for q in _ok(points) if q["precision"] == ref and _same_point(q, p)]
             speedups.append(f"{base[0]['project']['median_s']['total'] / m['total']:.2f}" if base else "-")
-        anchor = p.get("anchor", {})
-        bare = f"{anchor['median_s']['total']:.4f}" if "median_s" in anchor else anchor.get("error", "-")
-        ratio = f"{p['project_over_anchor']:.3f}" if "project_over_anchor" in p else "-"
+        loop = p.get("bare", {})
+        bare = f"{loop['median_s']['total']:.4f}" if "median_s" in loop else loop.get("error", "-")
+        ratio = f"{p['project_over_bare']:.3f}" if "project_over_bare" in p else "-"
         lines.append(
             f"{head} {m['total']:.4f} | "
             + " | ".join(f"{m[k]:.4f}" for k in PHASES)
@@ -82,9 +80,7 @@ def loader_table(points: list[dict]) -> list[str]:
     ]
     for p in points:
         ours, loader = p.get("project", {}), p.get("loader", {})
-        head = (
-            f"| {p['model']} | {patch_label(p)}, {p['batch']} | {LABEL.get(p['precision'], p['precision'])} |"
-        )
+        head = f"| {p['model']} | {patch_label(p)}, {p['batch']} | {label(p['precision'])} |"
         if "median_s" not in ours or "median_s" not in loader:
             lines.append(f"{head} {ours.get('error', loader.get('error', 'not run'))} |" + " |" * 3)
             continue
@@ -98,10 +94,7 @@ def loader_table(points: list[dict]) -> list[str]:
 def _figure(result: dict):
     """Points that were measured, their bar labels, and an empty figure sized for them."""
     points = _ok(result["points"])
-    labels = [
-        f"{p['model']}\n{patch_label(p)} b{p['batch']}\n{LABEL.get(p['precision'], p['precision'])}"
-        for p in points
-    ]
+    labels = [f"{p['model']}\n{patch_label(p)} b{p['batch']}\n{label(p['precision'])}" for p in points]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
     return points, labels, fig, ax
 

@@ -1,9 +1,9 @@
 """What fits on my GPU: training and inference memory predicted on the CPU, per precision.
 
-`python -m lightning_seg.plan` (console: `lightning-seg-plan`) runs it from the training configs.
+`python -m lightning_seg.study.memory` (console: `lightning-seg-plan`) runs it from the training configs.
 From code:
 
-    from lightning_seg.plan import predict_step, largest_batch
+    from lightning_seg.study.memory import predict_step, largest_batch
     plan = predict_step(cfg)                          # StepPlan: peak_bytes, breakdown
     batch, peak = largest_batch(cfg, free_bytes)      # for data.batch_size=auto
 
@@ -12,9 +12,9 @@ tensors), `cuda_autocast` (CUDA's autocast cast rules applied on the CPU), `step
 step), `sliding_window` (whole-volume inference), `fit` (largest batch and patch per card).
 """
 
-from lightning_seg.plan.fit import GPUS, card_budget, fit_table, largest_batch, largest_patch
-from lightning_seg.plan.sliding_window import largest_volume, predict_sliding_window
-from lightning_seg.plan.step import StepPlan, predict_step
+from lightning_seg.study.memory.fit import GPUS, card_budget, fit_table, largest_batch, largest_patch
+from lightning_seg.study.memory.sliding_window import largest_volume, predict_sliding_window
+from lightning_seg.study.memory.step import StepPlan, predict_step
 
 __all__ = [
     "GPUS",

@@ -1,14 +1,13 @@
 """Time-to-accuracy: when did validation Dice first reach each target?"""
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_seg.callbacks.training_clock import TrainingClock
-from lightning_seg.checkpoint_io import tmp_path
+from lightning_seg.run_dir import write_json
+from lightning_seg.study.callbacks.training_clock import TrainingClock
 
 
 class TimeToAccuracy(Callback):
@@ -48,19 +47,11 @@ class TimeToAccuracy(Callback):
             trainer.should_stop = True
 
     def summary(self) -> dict:
-        return {
-            "monitor": self.monitor,
-            "thresholds": self.thresholds,
-            "stop_at": self.stop_at,
-            "best": self.best,
-            "reached": self.reached,
-        }
+        """What time_to_accuracy.json holds (the report and the dashboard read it)."""
+        return {key: getattr(self, key) for key in ("monitor", "thresholds", "stop_at", "best", "reached")}
 
     def _write(self, trainer: Trainer) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(self.path)  # a hidden name a resume in place clears if a kill leaves it
-        tmp.write_text(json.dumps(self.summary(), indent=2))
-        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+        write_json(self.path, self.summary())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 summary = logger.experiment.summary

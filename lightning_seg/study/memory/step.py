@@ -1,14 +1,21 @@
 """Peak GPU memory of one warm training step, predicted on the CPU with fake tensors.
 
-The network, optimizer and input shapes come from the training config; the step is Lightning's
-automatic optimization (`training_step` under autocast, `zero_grad`, backward, optimizer step) run
-twice on fake tensors, so the second, measured, step starts with Adam's state and the first step's
-gradients alive, as a warm step on a GPU does. Fake tensors carry shapes and dtypes only: a 160^3
-batch-8 step costs no memory and about a second.
+The step is the module's own: `SegmentationModule` as training instantiates it from the config, its
+`step_loss` (forward, loss in fp32) under CUDA's autocast rules, its `build_optimizer` (the fused rule
+as a GPU run applies it), then Lightning's automatic optimization around it (`zero_grad`, backward,
+gradient clipping where `trainer.gradient_clip_val` is set, optimizer step), the averaged copy of the
+weights where `callbacks.weight_average` is on. It runs twice, so the second, measured, step starts
+with Adam's state and the first step's gradients alive, as a warm step on a GPU does. Fake tensors
+carry shapes and dtypes only: a 160^3 batch-8 step costs no memory and about a second.
+
+One part cannot run on fake tensors: MONAI's Dice losses read values (`torch.arange(...).tolist()`
+for their reduction axes), which a fake tensor does not have. `ShapeDiceLoss` stands in for them,
+op for op; `fake=False` runs the same step on real CPU tensors with the module's own loss, and the
+tests hold both to the same allocations for every loss, recipe, deep supervision, clipping and
+weight-average setting the configs offer.
 """
 
 import copy
-import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lightning_seg.model.deep_supervision import segmentation_loss
-from lightning_seg.plan.allocator import AllocatorModel
-from lightning_seg.plan.cuda_autocast import CudaAutocast
-from lightning_seg.precision import trainer_precision
+from lightning_seg.precision import autocast_dtype, trainer_precision
+from lightning_seg.study.memory.allocator import AllocatorModel
+from lightning_seg.study.memory.cuda_autocast import CudaAutocast
 
 GIB = 2**30
+CUDA = torch.device("cuda")  # the device predicted for (only its type is read; no GPU is needed)
 # cuDNN's workspaces come from the caching allocator but not from any tensor a fake step can see: a
 # fixed allowance. 0.5 GiB is what the MONAI UNet reference points (1.4 / 1.1 GiB measured) sit above
 # the fake-tensor peak in both fp32 and fp16; for the large networks it is hidden under activations.
@@ -64,12 +71,6 @@ class StepPlan:
         }
 
 
-def amp_dtype(precision) -> torch.dtype | None:
-    """The CUDA autocast dtype of a precision choice (None: fp32 and TF32 train without autocast)."""
-    mode = trainer_precision(precision)
-    return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(mode)
-
-
 def with_point(cfg: DictConfig, batch: int | None = None, patch=None, precision=None) -> DictConfig:
     """A copy of `cfg` at another batch, patch or precision (the task's patch feeds the network)."""
     cfg = copy.deepcopy(cfg)
@@ -103,7 +104,13 @@ class ShapeDiceLoss(nn.Module):
         self.cross_entropy = str(loss_cfg.get("_target_", "")).endswith("DiceCELoss")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        label = target
+        # as DiceCELoss: the Dice's own tensors are gone (but what backward keeps) before cross-entropy runs
+        loss = self._dice(logits, target)
+        if self.cross_entropy:
+            loss = loss + F.cross_entropy(logits, target.squeeze(1).long())
+        return loss
+
+    def _dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pred = torch.softmax(logits, 1) if self.softmax else logits
         if self.to_onehot_y:  # monai.networks.utils.one_hot
             target = torch.zeros(pred.shape, dtype=target.dtype).scatter_(1, target.long(), 1)
@@ -119,23 +126,7 @@ class ShapeDiceLoss(nn.Module):
         else:
             tp = torch.sum(pred * target, dims)
             fp, fn = torch.sum(pred, dims) - tp, torch.sum(target, dims) - tp
-        loss = (1 - (2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5)).mean()
-        if self.cross_entropy:
-            loss = loss + F.cross_entropy(logits, label.squeeze(1).long())
-        return loss
-
-
-def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    """The training optimizer as it is built on a GPU: fused where `speed.fused_adam` asks for it and
-    the optimizer has the option (SegmentationModule._fused_kwargs), else CUDA's default foreach."""
-    factory = instantiate(cfg.optimizer.optimizer)
-    target = getattr(factory, "func", factory)
-    options = inspect.signature(target).parameters
-    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
-    fused = cfg.speed.fused_adam and not (clip and trainer_precision(cfg.precision) == "16-mixed")
-    if fused and "fused" in options:
-        return factory(params=params, fused=True)
-    return factory(params=params, foreach=True) if "foreach" in options else factory(params=params)
+        return (1 - (2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5)).mean()
 
 
 def averages_weights(cfg: DictConfig) -> bool:
@@ -156,43 +147,48 @@ def predict_step(
     precision=None,
     loop: str = "lightning",
     workspace_bytes: int | None = None,
+    fake: bool = True,
 ) -> StepPlan:
     """Predict `torch.cuda.max_memory_allocated` of a warm training step at the config's (or the
     given) batch, patch and precision.
 
-    `loop="lightning"`: the step training runs (Lightning's automatic optimization, with the copy of
-    the weights that `callbacks.weight_average` averages, if configured). `loop="bare"`:
-    the bare PyTorch loop of `../shared/bench/anchor_step.py` that measured the reference peaks (two
-    input sets on the device, `zero_grad` first, the logits held until after backward).
-    `workspace_bytes`: the cuDNN allowance added to the peak (default `workspace_allowance(cfg)`;
-    0 for the fake-tensor peak alone, as a CPU run has no cuDNN)."""
+    `loop="lightning"`: the step training runs (above). `loop="bare"`: the benchmark's bare PyTorch loop
+    (`lightning_seg.study.bench.bare_loop`: two input sets on the device, `zero_grad` first, the logits
+    held until after backward, no weight average). `workspace_bytes`: the cuDNN allowance added to the
+    peak (default `workspace_allowance(cfg)`; 0 for the allocations alone, as a CPU run has no cuDNN).
+    `fake=False`: real CPU tensors and the module's own loss (slow; the tests' check of the fake run)."""
     cfg = with_point(cfg, batch, patch, precision)
     batch, patch = int(cfg.data.batch_size), [int(n) for n in cfg.task.patch_size]
-    dtype = amp_dtype(cfg.precision)
+    dtype = autocast_dtype(cfg.precision, CUDA)
     bare = loop == "bare"
-    with FakeTensorMode():
-        net = instantiate(cfg.model)
-        net.train()
-        loss_fn = ShapeDiceLoss(cfg.loss)
-        optimizer = build_optimizer(cfg, net.parameters())
+    clip = None if bare else OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    with FakeTensorMode() if fake else nullcontext():
+        module = instantiate(cfg.module)
+        module.train()
+        if fake:
+            module.loss = ShapeDiceLoss(cfg.loss)
+        optimizer = module.build_optimizer(CUDA, clip, trainer_precision(cfg.precision))
+        params = list(module.net.parameters())
         mem = AllocatorModel()
         with mem:
-            mem.track([*net.parameters(), *net.buffers()], "weights")
+            mem.track([*params, *module.net.buffers()], "weights")
             averaged = []  # alive for the whole step (its update after each step works in place)
             if averages_weights(cfg) and not bare:
-                averaged = [torch.empty_like(t) for t in (*net.parameters(), *net.buffers())]
+                averaged = [torch.empty_like(t) for t in (*params, *module.net.buffers())]
                 mem.track(averaged, "averaged_weights")
             # the loader's labels are float32 (EnsureTyped)
             inputs = [
-                (torch.randn(batch, int(cfg.task.in_channels), *patch), torch.zeros(batch, 1, *patch))
+                {
+                    "image": torch.randn(batch, int(cfg.task.in_channels), *patch),
+                    "label": torch.zeros(batch, 1, *patch),
+                }
                 for _ in range(2 if bare else 1)
             ]
             mem.track(inputs, "input")
             for step in range(2):
                 if step == 1:
                     mem.reset_peak()  # the warm step: Adam's state exists
-                image, label = inputs[step % len(inputs)]
-                _train_step(net, loss_fn, optimizer, image, label, dtype, mem, bare)
+                _train_step(module, optimizer, inputs[step % len(inputs)], dtype, clip, mem, bare)
     breakdown = dict.fromkeys(CATEGORIES, 0)
     for kind, nbytes in mem.breakdown().items():
         category = KIND_TO_CATEGORY.get(kind, kind)
@@ -202,26 +198,33 @@ def predict_step(
     return StepPlan(model_name(cfg), str(cfg.precision), batch, patch, mem.peak + workspace, breakdown)
 
 
-def _train_step(net, loss_fn, optimizer, image, label, dtype, mem: AllocatorModel, bare: bool) -> None:
-    """Lightning's automatic optimization: training_step, zero_grad, backward, optimizer.step()
-    (the bare loop: zero_grad first, and its `logits` variable lives on through backward)."""
+def _train_step(module, optimizer, batch: dict, dtype, clip, mem: AllocatorModel, bare: bool) -> None:
+    """Lightning's automatic optimization of `module.step_loss`: the step, zero_grad, backward, clipping,
+    optimizer.step() (the bare loop: zero_grad first, and its `logits` variable lives on through backward).
+    The loss runs under the same autocast mode as the forward: on fp32 logits CUDA's rules cast nothing
+    (a loss has no convolution or matmul), as `compute_loss`'s autocast-off region leaves them on a GPU."""
     if bare:
         optimizer.zero_grad(set_to_none=True)
     mem.phase = "forward"
     label_copy = partial(mem.track, kind="amp_weight_copies")
     with CudaAutocast(dtype, on_weight_cast=label_copy) if dtype is not None else nullcontext():
-        logits = net(image)
-    mem.phase = "loss"  # SegmentationModule.compute_loss: autocast off, fp32 logits
-    loss = segmentation_loss(loss_fn, logits.float(), label)
+        if bare:
+            logits = module(batch["image"])
+            mem.phase = "loss"
+            loss = module.compute_loss(logits, batch["label"])
+        else:
+            loss = module.step_loss(batch)
     if not bare:
-        del logits  # Lightning's training_step keeps no reference to them
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # Lightning's order: the closure's step, then zero_grad
     mem.phase = "backward"
     if dtype == torch.float16:
         loss = loss * 65536.0  # GradScaler.scale; its unscale and step work in place on the grads
     loss.backward()
     del loss
-    mem.track([p.grad for p in net.parameters() if p.grad is not None], "gradients")
+    params = [p for p in module.net.parameters() if p.grad is not None]
+    mem.track([p.grad for p in params], "gradients")
     mem.phase = "step"
+    if clip:  # Lightning's gradient_clip_val: clip_grad_norm_ over every parameter, CUDA's foreach kernels
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
     optimizer.step()
     mem.track([v for state in optimizer.state.values() for v in state.values()], "optimizer")

@@ -1,4 +1,4 @@
-"""`python -m lightning_seg.bench [bench=cpu_smoke] [overrides]`: the reference talk's step table.
+"""`python -m lightning_seg.study.bench [bench=cpu_smoke] [overrides]`: the reference talk's step table.
 
 For every grid point (precision x model x patch x batch) it times warm-up plus N steps of the
 project's training step, phase by phase, and writes bench.json, bench.md and PNG charts into
@@ -8,11 +8,9 @@ the run dir. An out-of-memory point is recorded as such and the grid goes on.
 input, at the task's patch and `data.batch_size`, and prints both rates and their ratio.
 """
 
-import importlib.util
 import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -22,22 +20,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_seg.bench.step import measure
-from lightning_seg.bench.tables import markdown_table, plot_memory, plot_phases
 from lightning_seg.config import CONFIG_DIR
+from lightning_seg.entry import user_errors
 from lightning_seg.environment import environment_info
+from lightning_seg.study.bench import bare_loop
+from lightning_seg.study.bench.step import measure
+from lightning_seg.study.bench.tables import markdown_table, plot_memory, plot_phases
+from lightning_seg.task import check_task
 
 log = logging.getLogger(__name__)
-ANCHOR_MODELS = {"basic_unet": "basicunet", "monai_unet": "monai_unet", "dynunet": "dynunet"}
-ANCHOR_MODES = {"32": "fp32", "tf32": "tf32", "16": "fp16", "bf16": "bf16"}
-
-
-def anchor_mode(precision: str, device: torch.device, compiled: bool) -> str:
-    """The bare loop's mode for a precision choice; fp16 autocast becomes bf16 on a CPU, as in Lightning."""
-    mode = ANCHOR_MODES[precision]
-    if mode == "fp16" and device.type != "cuda":
-        mode = "bf16"
-    return mode + ("+compile" if compiled else "")
 
 
 def grid(cfg: DictConfig) -> list[tuple[str, str, int | None, int]]:
@@ -49,18 +40,6 @@ def grid(cfg: DictConfig) -> list[tuple[str, str, int | None, int]]:
         (str(p), m, None if edge is None else int(edge), int(batch))
         for p, m, (edge, batch) in itertools.product(precisions, models, points)
     ]
-
-
-def load_anchor(path: str):
-    """Import ../shared/bench/anchor_step.py, which reads an output path from argv at import."""
-    spec = importlib.util.spec_from_file_location("anchor_step", path)
-    anchor = importlib.util.module_from_spec(spec)
-    argv, sys.argv = sys.argv, [path, "/dev/null"]
-    try:
-        spec.loader.exec_module(anchor)
-    finally:
-        sys.argv = argv
-    return anchor
 
 
 def attempt(name: str, fn, device) -> dict:
@@ -99,9 +78,10 @@ def side_by_side(runs: dict, device) -> dict:
 
 
 def run_point(
-    base: list[str], precision: str, model: str, edge: int | None, batch: int, device, anchor, datamodule
+    base: list[str], precision: str, model: str, edge: int | None, batch: int, device, bare: bool, datamodule
 ) -> dict:
-    """One grid point: the bench config composed from `base` overrides plus the point's own."""
+    """One grid point: the bench config composed from `base` overrides plus the point's own; with
+    `bare`, the bare PyTorch loop at the same point, side by side."""
     overrides = [*base, f"precision={precision}", f"model={model}"]
     if edge is not None:
         overrides.append(f"task.patch_size=[{edge},{edge},{edge}]")
@@ -111,23 +91,15 @@ def run_point(
     runs = {"project": lambda: measure(cfg, batch, device)}
     if datamodule is not None:
         runs["loader"] = lambda: measure(cfg, batch, device, datamodule.train_dataloader())
-    elif anchor is not None:
-        runs["anchor"] = lambda: anchor.run(
-            ANCHOR_MODELS[model],
-            edge,
-            batch,
-            anchor_mode(precision, device, cfg.speed.compile),
-            cfg.speed.channels_last_3d,
-            cfg.bench.steps,
-            cfg.bench.warmup,
-        )
+    elif bare:
+        runs["bare"] = lambda: bare_loop.run(cfg, batch, device)
     if len(runs) == 1:
         record["project"] = attempt("project", runs["project"], device)
     else:
         record.update(side_by_side(runs, device))
-    ours, theirs, loader = record["project"], record.get("anchor", {}), record.get("loader", {})
+    ours, theirs, loader = record["project"], record.get("bare", {}), record.get("loader", {})
     if "median_s" in ours and "median_s" in theirs:
-        record["project_over_anchor"] = ours["median_s"]["total"] / theirs["median_s"]["total"]
+        record["project_over_bare"] = ours["median_s"]["total"] / theirs["median_s"]["total"]
     if "median_s" in ours and "median_s" in loader:
         record["loader_over_synthetic_rate"] = loader["samples_per_s"] / ours["samples_per_s"]
     log.info("%s", json.dumps(record))
@@ -146,15 +118,17 @@ def prepared_datamodule(cfg: DictConfig):
 def main(cfg: DictConfig) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(HydraConfig.get().runtime.output_dir)
-    anchor = load_anchor(cfg.bench.anchor_script) if cfg.bench.anchor_script else None
-    datamodule = prepared_datamodule(cfg) if cfg.bench.loader else None
+    with user_errors(cfg):
+        check_task(cfg)
+        datamodule = prepared_datamodule(cfg) if cfg.bench.loader else None
     base = list(HydraConfig.get().overrides.task)
-    records = [run_point(base, *point, device, anchor, datamodule) for point in grid(cfg)]
+    records = [run_point(base, *point, device, cfg.bench.bare_loop, datamodule) for point in grid(cfg)]
     env = environment_info()  # after the points: the flags their Trainers set
     result = {
         "environment": env,
         "bench": OmegaConf.to_container(cfg.bench, resolve=True),
         "speed": {**OmegaConf.to_container(cfg.speed, resolve=True), "reproducible": cfg.reproducible},
+        "trainer": {"benchmark": cfg.trainer.benchmark, "deterministic": cfg.trainer.deterministic},
         "points": records,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))

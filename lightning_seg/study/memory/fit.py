@@ -18,7 +18,8 @@ use, with a margin:
 from omegaconf import DictConfig
 
 from lightning_seg.errors import UserError
-from lightning_seg.plan.step import GIB, predict_step
+from lightning_seg.precision import PRECISIONS
+from lightning_seg.study.memory.step import GIB, predict_step
 
 # nominal memory (GiB) of the cards a user can name with plan.gpu=
 GPUS = {
@@ -27,7 +28,6 @@ GPUS = {
 }  # fmt: skip
 CONTEXT_GIB = 0.5
 MARGIN = 0.10
-PRECISIONS = ("32", "tf32", "16", "bf16")
 PATCH_STEP = 16  # cubic patch edges tried: multiples of 16 (basic_unet's rule; the others accept all)
 
 

@@ -25,9 +25,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lightning_seg.plan.allocator import AllocatorModel, allocator_bytes
-from lightning_seg.plan.cuda_autocast import CudaAutocast
-from lightning_seg.plan.step import GIB, amp_dtype, with_point, workspace_allowance
+from lightning_seg.precision import autocast_dtype
+from lightning_seg.study.memory.allocator import AllocatorModel, allocator_bytes
+from lightning_seg.study.memory.cuda_autocast import CudaAutocast
+from lightning_seg.study.memory.step import CUDA, GIB, with_point, workspace_allowance
 
 
 def resampled_shape(shape, spacing, target) -> list[int]:
@@ -68,7 +69,7 @@ def window_forward_bytes(cfg: DictConfig, windows: int) -> tuple[int, int]:
     """(peak bytes above the weights and the window batch, bytes of the weights) of one no-grad
     forward pass of `windows` windows in eval mode, under the config's precision."""
     patch = [int(n) for n in cfg.task.patch_size]
-    dtype = amp_dtype(cfg.precision)
+    dtype = autocast_dtype(cfg.precision, CUDA)
     with FakeTensorMode():
         net = instantiate(cfg.model).eval()
         mem = AllocatorModel()

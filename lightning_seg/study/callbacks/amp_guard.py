@@ -3,30 +3,21 @@ stays non-finite."""
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_seg.errors import UserError
+from lightning_seg.model.module import grad_scaler, loss_scale
+
+if TYPE_CHECKING:  # the attributes callbacks read are declared there
+    from lightning_seg.model.module import SegmentationModule
 
 
 class NonFiniteLossError(UserError):
     """Training diverged (NaN/inf loss or weights); stopped before a checkpoint could hold the damage."""
-
-
-def grad_scaler(trainer: Trainer | None) -> torch.amp.GradScaler | None:
-    """The grad scaler of Lightning's mixed-precision plugin: fp16 AMP (`precision=16` on a GPU) has one;
-    bf16, fp32 and `16-mixed` on a CPU (Lightning runs bf16 there) have none."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-def loss_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | float:
-    """The current scale, as a copy of the scaler's device tensor (reading it does not wait for the GPU;
-    `update()` changes the original in place), or the initial float before the first backward."""
-    scale = scaler._get_scale_async()
-    return scaler.get_scale() if scale is None else scale.detach().clone()
 
 
 def weights_finite(module: torch.nn.Module) -> bool:
@@ -57,16 +48,16 @@ class AmpGuard(Callback):
         self._epoch = 0
 
     def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
+        self, trainer: Trainer, pl_module: "SegmentationModule", batch, batch_idx: int
     ) -> None:
         self._step, self._epoch = trainer.global_step, trainer.current_epoch
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+        self, trainer: Trainer, pl_module: "SegmentationModule", outputs, batch, batch_idx: int
     ) -> None:
         scaler = grad_scaler(trainer)
         if scaler is not None:
-            skipped = getattr(pl_module, "amp_step_skipped", None)
+            skipped = pl_module.amp_step_skipped
             if skipped is not None:
                 self.skipped_steps = self.skipped_steps + skipped
             pl_module.log("train/loss_scale", loss_scale(scaler), on_step=True, on_epoch=False, batch_size=1)
@@ -92,7 +83,7 @@ class AmpGuard(Callback):
         if self.nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteLossError(self._message(trainer, f"for {self.nonfinite_steps} consecutive steps"))
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: "SegmentationModule", checkpoint: dict) -> None:
         # runs before the file is written: raising here leaves the previous checkpoint on disk untouched
         if not weights_finite(pl_module):
             raise NonFiniteLossError(

@@ -2,7 +2,7 @@
 
 The step runs inside a real Lightning Trainer: the same module, precision plugin (autocast and
 grad scaling as Lightning does them), optimizer config and fast-path switches (`speed.*`,
-`cudnn_benchmark` and `deterministic`, both set by `reproducible`) as training; phases come from
+`trainer.benchmark` and `trainer.deterministic`, both set by `reproducible`) as training; phases come from
 the same StepBreakdown callback training logs with.
 Input is either synthetic (tensors already on the device: the step alone) or the real training
 loader (the step as a run sees it, loader waits included).
@@ -18,13 +18,14 @@ from copy import deepcopy
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning import Callback, Trainer, seed_everything
+from pytorch_lightning import Callback, seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_seg.callbacks.step_breakdown import StepBreakdown
-from lightning_seg.memory import peak_memory_gib
-from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
-from lightning_seg.profiler import DataWaitProfiler
+from lightning_seg.precision import set_tf32, uses_tf32
+from lightning_seg.study.callbacks.peak_memory import peak_memory_gib
+from lightning_seg.study.callbacks.step_breakdown import StepBreakdown
+from lightning_seg.study.profiler import DataWaitProfiler
+from lightning_seg.training import build_trainer
 
 
 class SyntheticBatches(Iterable):
@@ -48,11 +49,17 @@ class StepRecorder(Callback):
         self.starts: list[float] = []
         self.losses: list[float] = []
         self.wait_at_warmup = 0.0
+        self.warmup_peak_bytes = 0  # CUDA: the peak of the warm-up steps (cuDNN benchmark's trials included)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        cuda = pl_module.device.type == "cuda"
+        if cuda and not self.starts:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         if len(self.starts) == self.warmup:
-            if pl_module.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
+                self.warmup_peak_bytes = torch.cuda.max_memory_allocated(pl_module.device)
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
             self.wait_at_warmup = trainer.profiler.data_wait_s
         self.starts.append(time.perf_counter())
@@ -78,7 +85,7 @@ def train_step_flops(module, batch: dict) -> int:
     backward on the timed module itself was seen to leave it producing NaN under CPU bf16."""
     copy = deepcopy(module)
     with FlopCounterMode(display=False) as counter:
-        copy.compute_loss(copy(batch["image"]), batch["label"]).backward()
+        copy.step_loss(batch).backward()
     return counter.get_total_flops()
 
 
@@ -97,14 +104,16 @@ def measure(cfg: DictConfig, batch_size: int, device: torch.device, loader: Iter
     average = cfg.callbacks.get("weight_average")  # training updates its weight average after every step
     callbacks = [breakdown, recorder, *([instantiate(average)] if average else [])]
     with tempfile.TemporaryDirectory(prefix="bench-") as root:
-        trainer = Trainer(
-            accelerator=device.type,
+        # the Trainer training builds (precision, cuDNN benchmark and determinism from `trainer.*`), on
+        # one device, without the loggers, checkpoints and validation a benchmark must not time
+        trainer = build_trainer(
+            cfg,
             devices=1,
-            precision=trainer_precision(cfg.precision),
-            benchmark=cfg.cudnn_benchmark,
-            deterministic=cfg.deterministic,
+            strategy="auto",
+            num_nodes=1,
             max_steps=steps,
             max_epochs=-1,
+            max_time=None,
             limit_val_batches=0,
             num_sanity_val_steps=0,
             logger=False,
@@ -132,6 +141,8 @@ def measure(cfg: DictConfig, batch_size: int, device: torch.device, loader: Iter
         "data_wait_frac": (trainer.profiler.data_wait_s - recorder.wait_at_warmup)
         / (recorder.starts[-1] - recorder.starts[bench.warmup]),
         "peak_memory_gib": peak_memory_gib(device),
+        # CUDA: the warm-up included, as the memory planner's reference peaks were measured
+        "peak_with_warmup_gib": max(peak_memory_gib(device), recorder.warmup_peak_bytes / 2**30),
         "samples_per_s": batch_size / interval,
         "voxels_per_s": voxels / total,
         "train_step_gflop": flops / 1e9,

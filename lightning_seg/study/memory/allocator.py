@@ -13,8 +13,8 @@ tensors alive at the peak are the saved activations, `backward` and `optimizer` 
 Not counted, as in `max_memory_allocated`: the CUDA context and cuBLAS/cuDNN handles. Not seen by a
 fake tensor: cuDNN workspaces (they come from the caching allocator and count on a GPU; which
 algorithm cuDNN picks, and so its workspace, is only known on the card) and the unused tail of a
-block the allocator chose not to split (at most 1 MiB per tensor over 1 MiB). `lightning_seg.plan.step`
-adds a fixed allowance for the first.
+block the allocator chose not to split (at most 1 MiB per tensor over 1 MiB).
+`lightning_seg.study.memory.step` adds a fixed allowance for the first.
 """
 
 import math

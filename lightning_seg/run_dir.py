@@ -1,0 +1,127 @@
+"""A training run's folder: what lies where, how files in it are written, its split and checkpoints.
+
+Every command that reads or writes a run (training, resume, validate, evaluate, the study's report,
+dashboard and benchmarks) goes through `RunDir`, so the layout is spelled out once:
+
+    RUN/checkpoints/last.ckpt, best-*.ckpt   RUN/csv/metrics.csv      RUN/split.json
+    RUN/environment.json                     RUN/final_metrics.json   RUN/.hydra/config.yaml
+    RUN/hpc_ckpt_*.ckpt (SLURM requeue)      RUN/wandb/run_id         RUN/time_to_accuracy.json
+
+Files are written whole or not at all (`write_atomic`): beside their target under a hidden temporary
+name (`tmp_path`), then renamed; a resume in place removes the temporaries a kill left.
+"""
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lightning_seg.errors import ConfigError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+_TMP = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def tmp_path(path: str | Path) -> Path:
+    """The file written before it takes `path`'s place: hidden, in the same folder (so the rename stays
+    on one filesystem), named by the writing process, not ending in `.ckpt` (no one takes it for a
+    checkpoint)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """`path.write_text(text)`, but a kill leaves the old content or the new, never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2))
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Delete the half-written files (`tmp_path`) a killed process left in `folder`."""
+    for stale in folder.glob(".*.tmp"):
+        if _TMP.match(stale.name):
+            log.info("removing %s, left by a process killed while writing it", stale)
+            stale.unlink(missing_ok=True)
+
+
+class _Part:
+    """A file or folder of the run, by its path relative to the run dir (read as a `Path`)."""
+
+    def __init__(self, relative: str) -> None:
+        self.relative = relative
+
+    def __get__(self, run: "RunDir | None", owner: type) -> "Path | _Part":
+        return self if run is None else run.path / self.relative
+
+
+class RunDir:
+    """The folder of one training run (`paths.output_dir`, Hydra's run dir)."""
+
+    checkpoints = _Part("checkpoints")
+    last_checkpoint = _Part("checkpoints/last.ckpt")
+    metrics_csv = _Part("csv/metrics.csv")
+    hparams_yaml = _Part("csv/hparams.yaml")
+    config_yaml = _Part(".hydra/config.yaml")
+    split_json = _Part("split.json")
+    environment_json = _Part("environment.json")
+    final_metrics_json = _Part("final_metrics.json")
+    time_to_accuracy_json = _Part("time_to_accuracy.json")
+    val_images = _Part("val_images")
+    wandb_run_id = _Part("wandb/run_id")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt_path: str | Path) -> "RunDir":
+        """The run that wrote a checkpoint of its `checkpoints/` folder."""
+        return cls(Path(ckpt_path).resolve().parent.parent)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def newest_checkpoint(self) -> Path | None:
+        """The newest of `last.ckpt` and the `hpc_ckpt_*.ckpt` Lightning writes on SLURM's requeue signal."""
+        candidates = [p for p in [self.last_checkpoint, *self.path.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+    def remove_stale_tmp(self) -> None:
+        for folder in (self.path, self.checkpoints, self.metrics_csv.parent):
+            remove_stale_tmp(folder)
+
+    def write_split(self, split: dict[str, list]) -> None:
+        write_atomic(self.split_json, json.dumps(split, indent=1))
+
+    def read_split(self) -> dict[str, list]:
+        if not self.split_json.is_file():
+            raise MissingFileError(f"{self.split_json}: missing, so the run's split is unknown")
+        return json.loads(self.split_json.read_text())
+
+    def cases_of_split(self, cases: list[dict[str, str]], split: str, source: str) -> list[dict[str, str]]:
+        """The cases of `source` (a task folder's listing) in one part (train, val, test) of this run's
+        split, matched by image file name; `all`: every case."""
+        if split == "all":
+            return cases
+        if not self.split_json.is_file():
+            raise MissingFileError(f"{self.split_json}: missing, so split={split} is unknown; use split=all")
+        names = {Path(c["image"]).name for c in self.read_split().get(split, [])}
+        if not names:
+            raise ConfigError(
+                f"{self.split_json}: no '{split}' cases (train with data.test_fraction > 0 for a test split)"
+            )
+        chosen = [c for c in cases if Path(c["image"]).name in names]
+        if len(chosen) != len(names):
+            raise MissingFileError(
+                f"{source}: holds {len(chosen)} of the {len(names)} '{split}' cases of {self.split_json}"
+            )
+        return chosen

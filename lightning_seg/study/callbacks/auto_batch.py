@@ -1,0 +1,70 @@
+"""`data.batch_size=auto`: the largest batch whose predicted training step fits this GPU's free memory.
+
+A callback, as Lightning's own BatchSizeFinder is: its `setup` runs in every process once the device
+is known and before the training loader is built, so the datamodule's batch can still change there.
+"""
+
+import logging
+
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning import Callback, Trainer
+
+from lightning_seg.data.datamodule import AUTO
+from lightning_seg.errors import ConfigError
+from lightning_seg.model.module import SegmentationModule
+from lightning_seg.study.memory import largest_batch, predict_step
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+
+
+class AutoBatch(Callback):
+    """Chooses `data.batch_size` when it is `auto` (otherwise does nothing): the memory planner's
+    largest batch for the free memory of global rank zero's GPU (all processes take that one), capped at
+    what the training cases of one process feed per step. The choice, its predicted peak and, at the end,
+    the measured one are recorded in the module's `fast_path["auto_batch"]` (environment.json)."""
+
+    def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage != "fit" or datamodule is None or datamodule.batch_size != AUTO:
+            return
+        if pl_module.device.type != "cuda":
+            raise ConfigError(
+                "data.batch_size=auto sizes the batch to a CUDA GPU's free memory and there is no GPU here: "
+                "give a number (python -m lightning_seg.study.memory plan.gpu=<card> predicts what fits)"
+            )
+        cfg = OmegaConf.create(pl_module.hparams["run_config"])
+        cfg.data.batch_size = int(cfg.data.samples_per_volume)  # a number for the planner
+        free, total = torch.cuda.mem_get_info(pl_module.device)
+        batch, predicted = largest_batch(cfg, free)
+        batch, predicted, free = trainer.strategy.broadcast((batch, predicted, free))
+        if batch == 0:
+            raise ConfigError(
+                f"data.batch_size=auto: not even batch {cfg.data.samples_per_volume} fits in the "
+                f"{free / GIB:.1f} GiB free on this GPU (predicted {predicted / GIB:.1f} GiB): "
+                "lower task.patch_size or use precision=16"
+            )
+        choice = {"chosen": batch, "predicted_peak_gib": predicted / GIB, "free_gib": free / GIB}
+        cases = max(1, len(datamodule.train_cases) // trainer.world_size)
+        cap = cases * datamodule.samples_per_volume  # more would leave the loader without a full batch
+        if batch > cap:
+            log.info("data.batch_size=auto: capped at %d (%d training cases per process)", cap, cases)
+            batch = choice["capped_by_cases"] = cap
+            choice["predicted_peak_gib"] = predict_step(cfg, batch=cap).peak_bytes / GIB
+        log.info(
+            "data.batch_size=auto: %d (predicted step peak %.2f GiB of %.2f GiB free, %.1f GiB card)",
+            batch,
+            choice["predicted_peak_gib"],
+            free / GIB,
+            total / GIB,
+        )
+        datamodule.batch_size = batch
+        pl_module.hparams["run_config"]["data"]["batch_size"] = batch  # checkpoints hold the number
+        pl_module.fast_path["auto_batch"] = choice
+
+    def on_fit_end(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
+        choice = pl_module.fast_path.get("auto_batch")
+        if choice is not None:  # every GPU run with an automatic batch checks the memory planner
+            measured = trainer.callback_metrics.get("memory/train_peak_gib")
+            choice["measured_train_peak_gib"] = float(measured) if measured is not None else None
