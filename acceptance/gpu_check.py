@@ -190,7 +190,7 @@ class Check:
     def plan(self) -> list[dict]:
         """Predicted peak of each reference point next to the measured one: the same config, predicted
         by the memory planner and run by the benchmark's real Trainer step (a GPU only)."""
-        from lightning_seg.study.memory import predict_step
+        from lightning_seg.study.memory import train_step_memory
 
         records = []
         for model, edge, batch, precision in self.sizes["plan_points"]:
@@ -207,7 +207,7 @@ class Check:
             ]
             cfg = compose(config_name="bench", overrides=overrides)
             record = {"model": model, "patch": edge, "batch": batch, "precision": precision}
-            record["predicted_gib"] = predict_step(cfg).peak_gib
+            record["predicted_gib"] = train_step_memory(cfg).peak_gib
             if self.device.type == "cuda":
                 measured = attempt("plan", lambda cfg=cfg, b=batch: measure(cfg, b, self.device), self.device)
                 if "error" in measured:

@@ -1,14 +1,9 @@
 """The layout version of lightning_seg checkpoints, and the steps that bring older layouts up to date.
 
-Every checkpoint training writes carries `checkpoint["lightning_seg_format"] = FORMAT_VERSION` (the
-module's `on_save_checkpoint`). One without the key was written before versions existed: version 0.
-Loading (predict and evaluate through `load_checkpoint`, resume through the module's
-`on_load_checkpoint`) runs the registered migrations in order, N -> N+1, up to FORMAT_VERSION; a
-checkpoint from a newer lightning_seg is refused, naming the file and both versions.
-
-Changing what a checkpoint holds (a renamed state-dict key, a moved `run_config` entry, a new network
-builder name) means: FORMAT_VERSION + 1, a migration from the previous version registered in
-MIGRATIONS, and a test that an old checkpoint (tests/fixtures/) still loads.
+Every checkpoint carries `lightning_seg_format` (none: version 0). Loading runs the migrations
+N -> N+1 up to FORMAT_VERSION and refuses a newer checkpoint by name. Changing what a checkpoint holds
+means: FORMAT_VERSION + 1, a migration in MIGRATIONS, and a test that an old checkpoint
+(tests/fixtures/) still loads.
 """
 
 from collections.abc import Callable
@@ -62,6 +57,11 @@ def upgrade(checkpoint: dict, source: str | Path = "checkpoint") -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file as plain data (`weights_only=True`) on the CPU, migrated to FORMAT_VERSION."""
-    return upgrade(torch.load(path, map_location="cpu", weights_only=True), path)
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(checkpoint, its run config): the file as plain data (`weights_only=True`) on the CPU, migrated
+    to FORMAT_VERSION; one training did not write is refused."""
+    checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True), path)
+    config = checkpoint.get("hyper_parameters", {}).get("run_config")
+    if not config:
+        raise CheckpointFormatError(f"{path}: no run_config in it (not written by lightning_seg training)")
+    return checkpoint, config

@@ -66,8 +66,8 @@ def user_message(err: BaseException, cfg: DictConfig | None = None, key: str | N
         if isinstance(err, UserError):
             return str(err)
         if isinstance(err, MissingMandatoryValue):  # a `???` value (ckpt_path=, a task key) left unset
-            key = err.full_key
-            return f"{key}: not set; give it on the command line ({key}=...) or in its config file"
+            unset = err.full_key
+            return f"{unset}: not set; give it on the command line ({unset}=...) or in its config file"
         if isinstance(err, OSError) and err.errno in PATH_ERRNOS and err.filename:
             message = path_message(err, cfg, key)
             if message:

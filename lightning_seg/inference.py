@@ -28,10 +28,7 @@ SHARED_TASK_KEYS = ("labels", "in_channels", "orientation", "spacing", "normaliz
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """(run config, network state dict) of a checkpoint written by training."""
-    checkpoint = load_checkpoint(path)  # older formats migrated, a newer one refused by name
-    config = checkpoint["hyper_parameters"].get("run_config")
-    if not config:
-        raise InputError(f"{path}: no run_config in the checkpoint (not written by lightning_seg training)")
+    checkpoint, config = load_checkpoint(path)  # older formats migrated, a newer one refused by name
     state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     return config, state
 

@@ -15,7 +15,7 @@ from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.datamodule import split_in_checkpoint
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors
-from lightning_seg.errors import InputError, MissingFileError
+from lightning_seg.errors import MissingFileError
 from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.training import build_trainer
@@ -34,12 +34,7 @@ def validate(cfg: DictConfig) -> dict:
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    checkpoint = load_checkpoint(ckpt_path)
-    run = checkpoint["hyper_parameters"].get("run_config")
-    if not run:
-        raise InputError(
-            f"{ckpt_path}: no run_config in the checkpoint (not written by lightning_seg training)"
-        )
+    checkpoint, run = load_checkpoint(ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
     precision = cfg.precision if cfg.precision is not None else run["precision"]
     set_tf32(uses_tf32(precision))

@@ -76,7 +76,7 @@ def test_the_format_1_fixture_is_small_plain_data_and_still_predicts(tmp_path):
 def test_a_version_0_checkpoint_is_migrated_for_predict_and_resume(tmp_path):
     v0 = saved_copy(tmp_path, "v0.ckpt", lambda c: c.pop(FORMAT_KEY))
     assert FORMAT_KEY not in torch.load(v0, map_location="cpu", weights_only=True)
-    assert load_checkpoint(v0)[FORMAT_KEY] == FORMAT_VERSION
+    assert load_checkpoint(v0)[0][FORMAT_KEY] == FORMAT_VERSION
     image, labels = predict_a_synthetic_case(v0, tmp_path)
     assert labels.shape == image.shape
     # today's training resumes it; the checkpoints it writes carry today's format

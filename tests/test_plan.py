@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.errors import ConfigError
-from lightning_seg.study.memory import largest_batch, predict_step
+from lightning_seg.study.memory import largest_batch, train_step_memory
 from lightning_seg.training import train
 
 from .conftest import compose_config, tiny_synthetic_overrides
@@ -75,33 +75,33 @@ def test_fp32_prediction_matches_a_real_cpu_step_measured_by_the_profiler(tmp_pa
     # profiled step keeps no average of the weights
     point = f"model={model}", "model.width=16", "task.patch_size=[32,32,32]"
     cfg = plan_config(tmp_path, *point, "callbacks.weight_average=null")
-    predicted = predict_step(cfg, workspace_bytes=0).peak_bytes  # no cuDNN on a CPU
+    predicted = train_step_memory(cfg, workspace_bytes=0).peak_bytes  # no cuDNN on a CPU
     measured = profiled_step_peak(cfg)
     assert predicted == pytest.approx(measured, rel=0.10)
 
 
 def test_activations_scale_with_the_batch_and_amp_is_below_fp32(tmp_path):
     cfg = plan_config(tmp_path, "model.width=4", "task.patch_size=[48,48,48]")
-    b2, b8 = predict_step(cfg, batch=2), predict_step(cfg, batch=8)
+    b2, b8 = train_step_memory(cfg, batch=2), train_step_memory(cfg, batch=8)
     assert b8.breakdown["activations"] == pytest.approx(4 * b2.breakdown["activations"], rel=0.03)
     assert b8.breakdown["weights"] == b2.breakdown["weights"]
     for amp in ("16", "bf16"):
-        half = predict_step(cfg, batch=8, precision=amp)
+        half = train_step_memory(cfg, batch=8, precision=amp)
         # at width 4 the fp32 input and the int64 pooling indices are a large share: AMP saves ~20% here
         assert half.peak_bytes - half.breakdown["cudnn_workspace"] < 0.9 * (b8.peak_bytes - 2**29)
         assert half.breakdown["activations"] < 0.8 * b8.breakdown["activations"]
         assert half.breakdown["amp_weight_copies"] > 0
-    assert predict_step(cfg, batch=8, precision="tf32").peak_bytes == b8.peak_bytes
+    assert train_step_memory(cfg, batch=8, precision="tf32").peak_bytes == b8.peak_bytes
 
 
 def test_the_weight_average_adds_one_copy_of_the_weights_and_the_bare_loop_none(tmp_path):
     point = "model.width=4", "task.patch_size=[32,32,32]"
-    averaged = predict_step(plan_config(tmp_path, *point))  # callbacks.weight_average: on by default
-    raw = predict_step(plan_config(tmp_path, *point, "callbacks.weight_average=null"))
+    averaged = train_step_memory(plan_config(tmp_path, *point))  # callbacks.weight_average: on by default
+    raw = train_step_memory(plan_config(tmp_path, *point, "callbacks.weight_average=null"))
     assert averaged.breakdown["averaged_weights"] == averaged.breakdown["weights"] > 0
     assert raw.breakdown["averaged_weights"] == 0
     assert averaged.peak_bytes - raw.peak_bytes == averaged.breakdown["weights"]
-    assert predict_step(plan_config(tmp_path, *point), loop="bare").breakdown["averaged_weights"] == 0
+    assert train_step_memory(plan_config(tmp_path, *point), loop="bare").breakdown["averaged_weights"] == 0
 
 
 def test_cuda_autocast_keeps_instance_norm_in_half_where_cpu_autocast_would_not(tmp_path):
@@ -125,12 +125,12 @@ def test_cuda_autocast_keeps_instance_norm_in_half_where_cpu_autocast_would_not(
 def test_fit_mode_picks_the_largest_batch_whose_prediction_fits(tmp_path):
     cfg = plan_config(tmp_path, "model.width=4", "task.patch_size=[32,32,32]", "data.samples_per_volume=1")
     cfg.plan.cudnn_workspace_gib = 0.0  # the activations, not the fixed allowance, decide here
-    free = 3 * predict_step(cfg, batch=5).peak_bytes  # somewhere between batches, whatever they cost
+    free = 3 * train_step_memory(cfg, batch=5).peak_bytes  # somewhere between batches, whatever they cost
     batch, predicted = largest_batch(cfg, free, margin=0.1)
     budget = free * 0.9
     assert batch > 5
-    assert predicted == predict_step(cfg, batch=batch).peak_bytes <= budget
-    assert predict_step(cfg, batch=batch + 1).peak_bytes > budget
+    assert predicted == train_step_memory(cfg, batch=batch).peak_bytes <= budget
+    assert train_step_memory(cfg, batch=batch + 1).peak_bytes > budget
     assert largest_batch(cfg, 1000, margin=0.1)[0] == 0  # nothing fits in a kilobyte
 
 
@@ -172,7 +172,7 @@ def test_prediction_matches_max_memory_allocated_on_the_gpu(tmp_path, model, pre
     from lightning_seg.study.bench.step import measure
 
     cfg = bench_config(tmp_path, f"model={model}", "task.patch_size=[64,64,64]", f"precision={precision}")
-    predicted = predict_step(cfg).peak_bytes
+    predicted = train_step_memory(cfg).peak_bytes
     # the real Trainer step, from before the warm-up, as the references
     measured = measure(cfg, cfg.data.batch_size, torch.device("cuda"))["peak_with_warmup_gib"] * 2**30
     assert predicted == pytest.approx(measured, rel=0.10)
@@ -218,6 +218,6 @@ def test_the_fake_step_allocates_what_the_module_step_allocates_on_real_tensors(
         variants.append(["precision=bf16", "model.deep_supervision=false"])
     for variant in variants:
         cfg = plan_config(tmp_path, *point, f"recipe={recipe}", f"loss={loss}", *variant)
-        fake = predict_step(cfg, workspace_bytes=0)
-        real = predict_step(cfg, workspace_bytes=0, fake=False)
+        fake = train_step_memory(cfg, workspace_bytes=0)
+        real = train_step_memory(cfg, workspace_bytes=0, fake=False)
         assert abs(fake.peak_bytes - real.peak_bytes) <= 4 * 512, (variant, fake.breakdown, real.breakdown)

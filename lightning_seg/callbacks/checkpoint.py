@@ -18,20 +18,17 @@ log = logging.getLogger(__name__)
 class ResumableCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (best by the monitored metric, `last.ckpt`) made safe to be killed:
 
-    - `last.ckpt` is written at every validation, improved or not (Lightning 2.6 rewrites it only when
-      a top-k checkpoint is saved), and during training whenever `every_min` minutes have passed since
-      it was last written (never on an epoch's last batch: validation or the epoch end follows);
-    - on SIGTERM (Lightning stops the loop and raises `SIGTERMException`) `last.ckpt` is written
-      before the process ends, unless it already holds the current step; during a validation the
-      earlier `last.ckpt` stays (Lightning resumes a mid-validation checkpoint by skipping it);
-    - the loggers are flushed before each checkpoint, so every row logged before it is on disk;
-    - a replaced best checkpoint is deleted only once `last.ckpt` (which records the new best) is
-      written; after a resume in the same folder, checkpoint files its state does not know (written
-      by steps the kill threw away) are deleted.
+    - `last.ckpt` at every validation, improved or not (Lightning 2.6 rewrites it only with a new
+      top-k), and every `every_min` minutes of training (alone: Lightning's `train_time_interval`
+      would rank a stale metric into the top k), never on an epoch's last batch;
+    - on SIGTERM, `last.ckpt` before the process ends, unless it holds the current step already
+      (during a validation the earlier one stays: Lightning resumes a mid-validation checkpoint by
+      skipping that validation);
+    - the loggers flushed before each checkpoint; a replaced best deleted only once `last.ckpt`
+      (which names the new best) is written; after a resume in place, checkpoints its state does not
+      know (written by steps the kill threw away) deleted.
 
-    The time-based save writes `last.ckpt` alone (Lightning's `train_time_interval` would also rank
-    the stale validation metric into the top k). Files are made atomic by the trainer's
-    CheckpointIO plugin (`lightning_seg.checkpoint_io.AtomicCheckpointIO`).
+    Files are made atomic by the Trainer's `AtomicCheckpointIO` plugin.
     """
 
     @property

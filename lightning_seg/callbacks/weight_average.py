@@ -1,13 +1,9 @@
 """An exponential moving average (EMA) of the weights for validation, checkpoints and the final model.
 
-With Adam at a constant rate the weights keep moving around a minimum: hippocampus' validation Dice
-jumps by +-0.005 from one check to the next and the best checkpoint is partly luck. Averaging the
-recent weights removes that noise (measured: docs/results/hippocampus_ablation_cpu/). Lightning's
-WeightAveraging does the work: validation runs on the average, checkpoints store it as `state_dict`
-(so predict and evaluate use it) and the raw weights as `current_model_state` (so a resume continues
-both), and training ends with the average in the model. Its EMAWeightAveraging has a fixed decay,
-which keeps the random initial weights for hundreds of steps; here the decay warms up, hence this
-file.
+Averaging removes the step-to-step noise of validation Dice under a constant learning rate
+(docs/results/hippocampus_ablation_cpu/). Lightning's WeightAveraging does the work (checkpoints hold
+the average as `state_dict`, the raw weights as `current_model_state`); its EMAWeightAveraging has a
+fixed decay, which keeps the random initial weights for hundreds of steps: here the decay warms up.
 """
 
 import warnings

@@ -39,21 +39,15 @@ LOADERS = {"torch": DataLoader, "thread": ThreadDataLoader}
 class MSDDataModule(LightningDataModule):
     """Train/validation split of an MSD task folder.
 
-    `batch_size` counts patches per step: each loaded volume yields `samples_per_volume`
-    random patches, so `batch_size / samples_per_volume` volumes are drawn per step.
+    `batch_size` counts patches per step: each volume yields `samples_per_volume` random patches.
+    `split` (as `split.json` and checkpoints hold it, cases matched by image file name) replaces the
+    seeded split, so a resumed run trains on the cases it started with. `cache="gpu"` keeps the
+    training volumes on this process's GPU and crops there (MONAI's fast-training recipe).
 
-    `split` (train/val/test case lists, as `split.json` and checkpoints hold them) replaces the seeded
-    split: a resumed run trains on the cases it started with. Cases are matched by image file name.
-
-    `cache="gpu"` keeps the preprocessed training volumes on this process's GPU and draws the
-    patches there (MONAI's fast-training recipe); validation volumes stay in CPU memory.
-
-    Under DDP (the Trainer's `use_distributed_sampler=False`: this class places the cases) each
-    process validates its own validation cases, every case exactly once, none repeated to even out
-    the ranks, so `val/dice` equals a single-process validation. Training cases are shuffled across
-    processes every epoch (each process caches all of them), or with `cache_shard_per_rank` each
-    process caches and trains on a fixed 1/N of them (N times less memory; the shards are seeded and
-    evened out by repeating a few cases).
+    Under DDP (the Trainer's `use_distributed_sampler=False`) every validation case is validated by
+    exactly one process, none repeated, so `val/dice` equals a single-process validation. Training
+    cases are shuffled across processes every epoch, or with `cache_shard_per_rank` each process
+    caches and trains on a fixed, seeded 1/N of them.
     """
 
     def __init__(

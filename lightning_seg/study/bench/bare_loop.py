@@ -4,7 +4,7 @@ without Lightning, callbacks or the module around it.
 The same network (`cfg.model`), loss (`cfg.loss`, on fp32 logits) and precision as the grid point;
 Adam (fused on a GPU), cuDNN benchmark on, two random input sets rotated, `zero_grad` first, phases
 timed as `StepBreakdown` times the project's (CUDA events on a GPU, the host clock on a CPU). The memory
-planner predicts this loop too (`predict_step(..., loop="bare")`). `bench.bare_loop=true` adds it to
+planner predicts this loop too (`train_step_memory(..., loop="bare")`). `bench.bare_loop=true` adds it to
 every grid point; docs/benchmarks/gpu_anchors.md holds the figures it gave on an H200.
 """
 

@@ -13,7 +13,7 @@ from pytorch_lightning import Callback, Trainer
 from lightning_seg.data.datamodule import AUTO
 from lightning_seg.errors import ConfigError
 from lightning_seg.model.module import SegmentationModule
-from lightning_seg.study.memory import largest_batch, predict_step
+from lightning_seg.study.memory import largest_batch, train_step_memory
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -51,7 +51,7 @@ class AutoBatch(Callback):
         if batch > cap:
             log.info("data.batch_size=auto: capped at %d (%d training cases per process)", cap, cases)
             batch = choice["capped_by_cases"] = cap
-            choice["predicted_peak_gib"] = predict_step(cfg, batch=cap).peak_bytes / GIB
+            choice["predicted_peak_gib"] = train_step_memory(cfg, batch=cap).peak_bytes / GIB
         log.info(
             "data.batch_size=auto: %d (predicted step peak %.2f GiB of %.2f GiB free, %.1f GiB card)",
             batch,

@@ -3,9 +3,9 @@
 `python -m lightning_seg.study.memory` (console: `lightning-seg-plan`) runs it from the training configs.
 From code:
 
-    from lightning_seg.study.memory import predict_step, largest_batch
-    plan = predict_step(cfg)                          # StepPlan: peak_bytes, breakdown
-    batch, peak = largest_batch(cfg, free_bytes)      # for data.batch_size=auto
+    from lightning_seg.study.memory import largest_batch, train_step_memory
+    step = train_step_memory(cfg)                 # StepMemory: peak_bytes, breakdown
+    batch, peak = largest_batch(cfg, free_bytes)  # for data.batch_size=auto
 
 Modules, one concept each: `allocator` (what the CUDA caching allocator would count, on fake
 tensors), `cuda_autocast` (CUDA's autocast cast rules applied on the CPU), `step` (one warm training
@@ -13,17 +13,17 @@ step), `sliding_window` (whole-volume inference), `fit` (largest batch and patch
 """
 
 from lightning_seg.study.memory.fit import GPUS, card_budget, fit_table, largest_batch, largest_patch
-from lightning_seg.study.memory.sliding_window import largest_volume, predict_sliding_window
-from lightning_seg.study.memory.step import StepPlan, predict_step
+from lightning_seg.study.memory.sliding_window import largest_volume, sliding_window_memory
+from lightning_seg.study.memory.step import StepMemory, train_step_memory
 
 __all__ = [
     "GPUS",
-    "StepPlan",
+    "StepMemory",
     "card_budget",
     "fit_table",
     "largest_batch",
     "largest_patch",
     "largest_volume",
-    "predict_sliding_window",
-    "predict_step",
+    "sliding_window_memory",
+    "train_step_memory",
 ]

@@ -18,8 +18,8 @@ from lightning_seg.config import CONFIG_DIR
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError
 from lightning_seg.study.memory.fit import GPUS, fit_table, markdown_fit
-from lightning_seg.study.memory.sliding_window import largest_volume, predict_sliding_window
-from lightning_seg.study.memory.step import averages_weights, model_name, predict_step
+from lightning_seg.study.memory.sliding_window import largest_volume, sliding_window_memory
+from lightning_seg.study.memory.step import averages_weights, model_name, train_step_memory
 from lightning_seg.task import check_task
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ def capacity(cfg: DictConfig) -> float | None:
 
 def plan(cfg: DictConfig) -> dict:
     """Everything the command prints, as one dict (plan.json)."""
-    step = predict_step(cfg)
+    step = train_step_memory(cfg)
     result = step.as_dict()
     volume, source = (list(cfg.plan.volume), "plan.volume") if cfg.plan.volume else largest_volume(cfg)
     if volume is not None:
-        window = predict_sliding_window(cfg, volume, int(cfg.plan.sw_batch_size))
+        window = sliding_window_memory(cfg, volume, int(cfg.plan.sw_batch_size))
         result["sliding_window"] = {**window, "overlap": cfg.plan.overlap, "volume_source": source}
     else:
         result["sliding_window"] = {"skipped": source}

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from lightning_seg.errors import UserError
 from lightning_seg.precision import PRECISIONS
-from lightning_seg.study.memory.step import GIB, predict_step
+from lightning_seg.study.memory.step import GIB, train_step_memory
 
 # nominal memory (GiB) of the cards a user can name with plan.gpu=
 GPUS = {
@@ -52,7 +52,7 @@ def largest_batch(
 
     def peak(batch: int) -> int:
         if batch not in memo:
-            memo[batch] = predict_step(cfg, batch=batch, patch=patch, precision=precision).peak_bytes
+            memo[batch] = train_step_memory(cfg, batch=batch, patch=patch, precision=precision).peak_bytes
         return memo[batch]
 
     low, per_step = peak(step), max(peak(2 * step) - peak(step), 1)
@@ -75,7 +75,7 @@ def largest_patch(
 
     def peak(edge: int) -> int | None:
         try:
-            return predict_step(cfg, batch=batch, patch=[edge] * 3, precision=precision).peak_bytes
+            return train_step_memory(cfg, batch=batch, patch=[edge] * 3, precision=precision).peak_bytes
         except (UserError, ValueError):  # a patch the network cannot take (basic_unet at 16^3)
             return None
 

@@ -83,7 +83,7 @@ def window_forward_bytes(cfg: DictConfig, windows: int) -> tuple[int, int]:
     return mem.peak - base, sum(allocator_bytes(p.numel() * p.element_size()) for p in net.parameters())
 
 
-def predict_sliding_window(cfg: DictConfig, volume: list[int], sw_batch_size: int, precision=None) -> dict:
+def sliding_window_memory(cfg: DictConfig, volume: list[int], sw_batch_size: int, precision=None) -> dict:
     """Peak device bytes of validation and of `predict` (GPU and CPU stitching) on one volume."""
     cfg = with_point(cfg, precision=precision)
     patch = [int(n) for n in cfg.task.patch_size]

@@ -45,7 +45,7 @@ KIND_TO_CATEGORY = {"forward": "activations", "loss": "activations", "backward":
 
 
 @dataclass
-class StepPlan:
+class StepMemory:
     """Predicted peak of a warm training step and what is alive at that moment (bytes)."""
 
     model: str
@@ -140,7 +140,7 @@ def workspace_allowance(cfg: DictConfig) -> int:
     return int(OmegaConf.select(cfg, "plan.cudnn_workspace_gib", default=CUDNN_WORKSPACE_GIB) * GIB)
 
 
-def predict_step(
+def train_step_memory(
     cfg: DictConfig,
     batch: int | None = None,
     patch=None,
@@ -148,7 +148,7 @@ def predict_step(
     loop: str = "lightning",
     workspace_bytes: int | None = None,
     fake: bool = True,
-) -> StepPlan:
+) -> StepMemory:
     """Predict `torch.cuda.max_memory_allocated` of a warm training step at the config's (or the
     given) batch, patch and precision.
 
@@ -195,7 +195,7 @@ def predict_step(
         breakdown[category] = breakdown.get(category, 0) + nbytes
     workspace = workspace_allowance(cfg) if workspace_bytes is None else workspace_bytes
     breakdown["cudnn_workspace"] = workspace
-    return StepPlan(model_name(cfg), str(cfg.precision), batch, patch, mem.peak + workspace, breakdown)
+    return StepMemory(model_name(cfg), str(cfg.precision), batch, patch, mem.peak + workspace, breakdown)
 
 
 def _train_step(module, optimizer, batch: dict, dtype, clip, mem: AllocatorModel, bare: bool) -> None:
