@@ -17,7 +17,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
-from lightning_seg.environment import environment_info
+from lightning_seg.environment import environment_info, known_problems
 from lightning_seg.loggers import ResumableCSVLogger
 from lightning_seg.precision import set_tf32, uses_tf32
 from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id
@@ -85,6 +85,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
     env["batch"] = batch_sizes(datamodule.batch_size, trainer)
+    env["known_problems"] = known_problems(env, cfg.precision)
+    for problem in env["known_problems"]:
+        log.warning("%s", problem)
     log.info("environment: %s", env)
     log.info(
         "batch: %(per_device)s patches per process x %(processes)d processes x %(accumulate)d accumulated "

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from lightning_seg.environment import known_problems
 from lightning_seg.inference import Predictor
 from lightning_seg.training import train
 
@@ -127,3 +128,36 @@ def test_tf32_switches_follow_the_precision_choice_on_gpu(tmp_path, precision, m
     train(cfg)
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert env["gpu"] and env["tf32_cudnn_conv"] == mode and env["tf32_matmul"] == mode
+
+
+@pytest.mark.parametrize(
+    "torch_version,cudnn,precision,issues",
+    [
+        ("2.9.0+cu128", 91002, "16", ["#166122"]),
+        ("2.9.0+cu128", 91002, "bf16", ["#166122", "#163539", "#166643"]),
+        ("2.9.1+cu128", 91400, "bf16", ["#166643"]),
+        ("2.9.0+cu128", 91002, "32", []),
+        ("2.13.0+cpu", None, "bf16", []),
+        ("2.11.0+cu130", 91900, "bf16", []),
+    ],
+)
+def test_published_3d_convolution_problems_are_named_for_the_precision(
+    torch_version, cudnn, precision, issues
+):
+    problems = known_problems({"torch": torch_version, "cudnn": cudnn}, precision)
+    assert [next(word for word in p.split() if "#" in word).strip("():") for p in problems] == [
+        f"pytorch/pytorch{issue}" for issue in issues
+    ]
+
+
+def test_a_run_on_a_known_bad_torch_warns_and_records_it(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch, "__version__", "2.9.0+cpu")
+    # the warning comes before the first step; bf16 on this tiny network may diverge on a CPU (not under test)
+    overrides = ["precision=bf16", "trainer.max_epochs=1", "callbacks.amp_guard=null"]
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), *overrides])
+    with caplog.at_level("WARNING", logger="lightning_seg.training"):
+        train(cfg)
+    assert any("pytorch/pytorch#166122" in r.getMessage() for r in caplog.records)
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env["known_problems"] and "#166122" in env["known_problems"][0]
+    assert env["cpu_capability"] and isinstance(env["cpu_native_bf16"], bool)
