@@ -75,8 +75,13 @@ def test_multirun_sweep_and_report(tiny_sweep):
         assert "0" in record["reached"] and "0.99" not in record["reached"]
         for threshold in ("0", "0.001", "0.99"):  # 0.001: a run whose bf16 diverged stays at Dice 0
             crossing = record["reached"].get(threshold)
-            shown = f"{crossing['train_s']:.1f} s (step {crossing['step']})" if crossing else "not reached"
+            shown = (
+                f"{crossing['train_s']:.1f} s (step {crossing['step']}, wall {crossing['wall_s']:.1f} s)"
+                if crossing
+                else "not reached"
+            )
             assert per_run.loc[name, threshold] == shown
+            assert crossing is None or crossing["wall_s"] >= crossing["train_s"]
         assert float(per_run.loc[name, "best val/dice"]) == pytest.approx(record["best"])
     precision = {p.name: OmegaConf.load(p / ".hydra" / "config.yaml").precision for p in run_dirs}
     for label, value in (("fp32", 32), ("bf16 AMP", "bf16")):
@@ -86,6 +91,13 @@ def test_multirun_sweep_and_report(tiny_sweep):
         assert row["spread 0 (s)"] == pytest.approx(np.std(times, ddof=1))
         assert row["reached 0"] == "2/2" and row["reached 0.99"] == "0/2"
         assert np.isnan(row["time to 0.99 (s)"])
+        # validation time shown beside training time
+        walls = [records[n]["reached"]["0"]["wall_s"] for n in records if precision[n] == value]
+        assert (
+            row["wall to 0 (s)"] == pytest.approx(np.mean(walls))
+            and row["wall to 0 (s)"] >= row["time to 0 (s)"]
+        )
+        assert 0 < row["validation share of wall time"] < 1
 
     # equal accuracy: best Dice per precision over the seeds, and the same numbers in the W&B summary
     accuracy = pd.read_csv(files["equal_accuracy"])

@@ -57,6 +57,14 @@ class Run:
         """The callback's record of the first validation at or above `threshold` (None if never)."""
         return self.time_to_accuracy["reached"].get(f"{threshold:g}")
 
+    @property
+    def validation_share(self) -> float:
+        """Share of the wall time (training plus validation) spent outside training, at the last
+        validation: near 1 when validation dominates the run."""
+        last = self.curve.iloc[-1]
+        wall = float(last.get("time/wall_s", float("nan")))
+        return 1.0 - float(last["time/train_s"]) / wall if wall > 0 else float("nan")
+
     def time_to(self, threshold: float) -> float:
         """Training seconds until val/dice first reached `threshold` (NaN if never)."""
         record = self.crossing(threshold)
@@ -158,6 +166,10 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
             row[f"time to {t:g} (s)"] = float(reached.mean()) if len(reached) else float("nan")
             row[f"spread {t:g} (s)"] = _spread(reached) if len(reached) else float("nan")
             row[f"reached {t:g}"] = f"{len(reached)}/{len(group)}"
+            # validation included: a run whose validation dominates cannot look fast
+            walls = [r.crossing(t)["wall_s"] for r in group if r.crossing(t)]
+            row[f"wall to {t:g} (s)"] = float(np.mean(walls)) if walls else float("nan")
+        row["validation share of wall time"] = float(np.mean([r.validation_share for r in group]))
         row["best val/dice"] = float(np.mean([r.best_dice for r in group]))
         row["best val/dice spread"] = _spread([r.best_dice for r in group])
         for column, name in MEMORY_COLUMNS.items():
@@ -175,6 +187,11 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
     return table
 
 
+def crossing_text(record: dict) -> str:
+    """Training seconds (validation excluded), step and wall seconds (validation included) of a crossing."""
+    return f"{record['train_s']:.1f} s (step {record['step']}, wall {record['wall_s']:.1f} s)"
+
+
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: training seconds to each threshold, or `not reached`, and the best Dice."""
     rows = []
@@ -182,7 +199,7 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
         row = {"run": run.path.name, "precision": run.label, "seed": run.seed}
         for t in run.thresholds:
             record = run.crossing(t)
-            row[f"{t:g}"] = f"{record['train_s']:.1f} s (step {record['step']})" if record else "not reached"
+            row[f"{t:g}"] = crossing_text(record) if record else "not reached"
         row["best val/dice"] = run.best_dice
         rows.append(row)
     return pd.DataFrame(rows)
@@ -343,7 +360,9 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = True) -
         f"# Time to accuracy: {runs[0].task} on {runs[0].device}\n\n"
         f"{len(runs)} runs from `{sweep_dir}`. Times are training seconds with validation excluded, as "
         "each run's `time_to_accuracy.json` records them: mean and spread (standard deviation) over the "
-        "seeds that reached the threshold, with how many did.\n\n"
+        "seeds that reached the threshold, with how many did. `wall to` counts validation too, and the "
+        "validation share says how much of a run's wall time validation took: a run whose validation "
+        "dominates cannot look fast.\n\n"
         f"{_markdown(table)}\n\n## Runs\n\n{_markdown(per_run)}\n\n"
         f"## Equal accuracy?\n\n{answer}.\n\n{_markdown(accuracy)}\n"
     )
