@@ -303,6 +303,48 @@ def test_resume_in_place_continues_the_log_and_the_wandb_run(tmp_path):
     assert split_in_checkpoint(last) == json.loads((run / "split.json").read_text())
 
 
+def test_every_end_of_a_resumed_run_leaves_last_checkpoint_at_its_final_step(tmp_path):
+    """Validation every second epoch (as on hippocampus): a run that stops after an epoch without
+    validation, or in the middle of one, has no validation to write last.ckpt at its last step."""
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    every_batch = "checkpoint_every_min=0.00001"  # a timed save at every batch end that may save
+    common = [
+        *tiny_synthetic_overrides(),
+        "trainer.check_val_every_n_epoch=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.val_images.count=0",
+    ]
+
+    def fit(*overrides: str) -> int:
+        resume = ["ckpt_path=last"] if last.is_file() else []
+        _, objects = train(compose_config(tmp_path, [*common, *overrides, *resume]))
+        return objects["trainer"].global_step
+
+    # what a kill leaves: last.ckpt from a timed save in on_train_batch_end, in the middle of an epoch
+    assert fit("trainer.max_steps=2", every_batch) == 2
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert (checkpoint["global_step"], progress["ready"], progress["completed"]) == (2, 2, 1)
+
+    n = len(json.loads((run / "split.json").read_text())["train"])  # steps per epoch: one volume each
+    ends = [
+        # max_steps in the middle of epoch 2, no timed save due since epoch 1's validation
+        (2 * n + 2, [f"trainer.max_steps={2 * n + 2}", "checkpoint_every_min=60"]),
+        # max_steps at the end of epoch 2, which has no validation (the timed save skips its last batch)
+        (3 * n, [f"trainer.max_steps={3 * n}", every_batch]),
+        # max_epochs, at the end of epoch 4 (validation after epoch 3)
+        (5 * n, ["trainer.max_steps=-1", "trainer.max_epochs=5", every_batch]),
+    ]
+    for final, overrides in ends:
+        assert fit(*overrides) == final
+        assert checkpoint_step(last) == final, overrides
+
+    log = pd.read_csv(run / "csv" / "metrics.csv")
+    # each resume continued at the step its checkpoint holds: every step once, none twice or skipped
+    assert list(log.dropna(subset=["train/loss_step"])["step"]) == list(range(5 * n))
+    assert list(log.dropna(subset=["val/dice"])["epoch"]) == [1, 3]
+
+
 # -- the parts, alone ------------------------------------------------------------------------------
 
 

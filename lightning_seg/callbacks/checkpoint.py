@@ -8,6 +8,7 @@ from typing import Any
 
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loops.utilities import _is_max_limit_reached
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -21,6 +22,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     - `last.ckpt` at every validation, improved or not (Lightning 2.6 rewrites it only with a new
       top-k), and every `every_min` minutes of training (alone: Lightning's `train_time_interval`
       would rank a stale metric into the top k), never on an epoch's last batch;
+    - `last.ckpt` at the run's last step: where it stops in the middle of an epoch (max_steps,
+      max_time) or after an epoch without validation, no validation writes it;
     - on SIGTERM, `last.ckpt` before the process ends, unless it holds the current step already
       (during a validation the earlier one stays: Lightning resumes a mid-validation checkpoint by
       skipping that validation);
@@ -67,8 +70,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # validation or the epoch end comes next; a SIGTERM is handled in on_exception
-        due = trainer.received_sigterm or (
-            self.every_s is not None and time.monotonic() - self._last_written_at >= self.every_s
+        # a stop in the middle of an epoch (max_steps, max_time): no validation follows, and Lightning resumes
+        # a checkpoint of this hook exactly as a timed one
+        due = (
+            _stops(trainer)
+            or trainer.received_sigterm
+            or (self.every_s is not None and time.monotonic() - self._last_written_at >= self.every_s)
         )
         if trainer.world_size > 1:  # one decision for all processes: saving is collective
             due = trainer.strategy.broadcast(due)
@@ -82,6 +89,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         writes = self._last_writes
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer) and self._last_writes == writes:
+            self._save_last_after_validation(trainer)
+        elif self._last_written_step != trainer.global_step and _stops(trainer, epoch_end=True):
+            # a run ending after an epoch without validation: here, not on the epoch's last batch (Lightning
+            # resumes that one without counting the next epoch's start) nor in on_train_end (resumed with
+            # max_steps, that one skips the next epoch)
             self._save_last_after_validation(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -180,6 +192,17 @@ class ResumableCheckpoint(ModelCheckpoint):
                 continue
             log.info("removing %s: written after the checkpoint this run resumes from", path)
             path.unlink(missing_ok=True)
+
+
+def _stops(trainer: Trainer, epoch_end: bool = False) -> bool:
+    """Whether fit stops after this training batch, or in on_train_epoch_end after this epoch: the fit
+    loop's own tests (max_time's Timer has set should_stop before the checkpoint callbacks run)."""
+    fit = trainer.fit_loop
+    return (
+        _is_max_limit_reached(trainer.global_step, trainer.max_steps)
+        or (trainer.should_stop and fit._can_stop_early)
+        or (epoch_end and _is_max_limit_reached(fit.epoch_progress.current.processed, fit.max_epochs))
+    )
 
 
 def _same_path(a: str, b: str) -> bool:
