@@ -6,6 +6,7 @@ spatial preprocessing, so the label map lands on the input's own grid.
 """
 
 import itertools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from monai.transforms import Compose, Invertd
 from lightning_seg.checkpoint_format import load_checkpoint
 from lightning_seg.data.transforms import preprocessing
 from lightning_seg.errors import InputError
-from lightning_seg.precision import autocast
+from lightning_seg.precision import autocast, autocast_dtype, inference_autocast
 
+log = logging.getLogger(__name__)
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
 
 
@@ -70,6 +72,10 @@ class Predictor:
             net.load_state_dict(state)
             self.nets.append((net.to(self.device).eval(), list(other["task"]["patch_size"])))
         self.precision = str(precision if precision is not None else config["precision"])
+        keep, why = inference_autocast(autocast_dtype(self.precision, self.device), self.device)
+        if not keep:
+            log.warning("%s", why)
+            self.precision = "32"
         self.overlap, self.sw_batch_size, self.stitch_on_cpu = overlap, sw_batch_size, stitch_on_cpu
         data = config.get("data", {})
         trained_flips = data.get("flip_axes", [0, 1, 2]) if data.get("augment", False) else []

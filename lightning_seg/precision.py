@@ -57,3 +57,42 @@ def autocast_dtype(choice, device: torch.device) -> torch.dtype | None:
     if mode == "16-mixed":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.bfloat16 if mode == "bf16-mixed" else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16, AMX). Without them bf16 3D convolutions
+    fall back to a generic kernel that is 10-40x slower than fp32 (issue 22: 43x for one Conv3d)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_conv_slowdown(repeats: int = 3) -> float:
+    """Measured: seconds of one small Conv3d forward under CPU bf16 autocast over the same in fp32 (the
+    median of `repeats`; about 0.1 s in all where bf16 is slow, milliseconds where it is not)."""
+    import time
+
+    conv, x = torch.nn.Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 16, 16, 16)
+
+    def seconds(enabled: bool) -> float:
+        times = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            for _ in range(repeats + 1):  # the first call warms the kernel up
+                start = time.perf_counter()
+                conv(x)
+                times.append(time.perf_counter() - start)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    return seconds(True) / max(seconds(False), 1e-9)
+
+
+def inference_autocast(trained_with: torch.dtype | None, device: torch.device) -> tuple[bool, str | None]:
+    """Whether validation and prediction keep the autocast dtype a run trains (or trained) with on
+    `device`, and else the one log line that says why not: on a CPU without native bf16, a bf16 sliding
+    window takes 10-40x longer than fp32 (which the run does not pay silently: it infers in fp32)."""
+    if device.type != "cpu" or trained_with != torch.bfloat16 or cpu_has_native_bf16():
+        return True, None
+    ratio = bf16_conv_slowdown()
+    return False, (
+        f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: a bf16 3D convolution "
+        f"takes {ratio:.1f}x as long as in fp32 here; validation and prediction run in fp32 "
+        "(precision=32 trains in fp32 too)"
+    )

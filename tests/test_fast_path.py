@@ -1,11 +1,13 @@
 """The fast path: speed flags by default, reproducibility on request, compile, data wait, memory split."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from lightning_seg import precision
 from lightning_seg.environment import known_problems
 from lightning_seg.inference import Predictor
 from lightning_seg.training import train
@@ -161,3 +163,40 @@ def test_a_run_on_a_known_bad_torch_warns_and_records_it(tmp_path, monkeypatch, 
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert env["known_problems"] and "#166122" in env["known_problems"][0]
     assert env["cpu_capability"] and isinstance(env["cpu_native_bf16"], bool)
+
+
+@pytest.fixture
+def slow_cpu_bf16(monkeypatch):
+    """A CPU without native bf16 (AVX2 only), faked: this machine's oneDNN may have bf16 kernels."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "bf16_conv_slowdown", lambda: 42.0)
+
+
+def test_bf16_training_on_a_cpu_without_native_bf16_validates_in_fp32_and_says_why(
+    tmp_path, slow_cpu_bf16, caplog
+):
+    overrides = ["precision=bf16", "trainer.max_epochs=1", "callbacks.amp_guard=null"]
+    cfg = compose_config(tmp_path, [*tiny_synthetic_overrides(), *overrides])
+    with caplog.at_level("WARNING", logger="lightning_seg.model.module"):
+        _, objects = train(cfg)
+    [line] = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert "42.0x as long as in fp32" in line and "validation and prediction run in fp32" in line
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert env["fast_path"]["inference_fp32"] is True
+    module, seen = objects["module"], []
+    module.net.register_forward_hook(lambda net, args, out: seen.append(out.dtype))
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16 plugin wraps validation in
+        module.predict_volume(image)
+        module.infer_fp32 = False
+        module.predict_volume(image)
+    assert seen == [torch.float32, torch.bfloat16]  # the network's windows: fp32 here, bf16 where fast
+
+
+def test_prediction_on_a_cpu_without_native_bf16_runs_in_fp32(slow_cpu_bf16, caplog):
+    checkpoint = Path(__file__).parent / "fixtures" / "synthetic_width4_v1.ckpt"
+    with caplog.at_level("WARNING", logger="lightning_seg.inference"):
+        predictor = Predictor(checkpoint, device="cpu", precision="bf16")
+    assert predictor.precision == "32"
+    assert any("42.0x" in r.getMessage() for r in caplog.records)
+    assert Predictor(checkpoint, device="cpu", precision="32").precision == "32"

@@ -3,6 +3,7 @@
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torchmetrics.segmentation import DiceScore
 from lightning_seg.checkpoint_format import stamp, upgrade
 from lightning_seg.model.compile import compile_unavailable_reason
 from lightning_seg.model.deep_supervision import segmentation_loss
+from lightning_seg.precision import inference_autocast
 from lightning_seg.scoring import Regions, scored_structures, structure_masks
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class SegmentationModule(LightningModule):
     # under fp16 AMP: whether the grad scaler skipped the last optimizer step (a device bool tensor);
     # AmpGuard counts the skips
     amp_step_skipped: torch.Tensor | bool | None
+    # validation in fp32 although training autocasts: bf16 is a slow fallback on this CPU (`setup`)
+    infer_fp32: bool
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class SegmentationModule(LightningModule):
         # what the fast-path switches became on this machine (environment.json records it)
         self.fast_path: dict[str, Any] = {"compiled": False, "channels_last_3d": channels_last_3d}
         self.amp_step_skipped = None
+        self.infer_fp32 = False
 
     def configure_model(self) -> None:
         """Memory layout and torch.compile, applied once before the first step (Lightning calls this
@@ -105,6 +110,16 @@ class SegmentationModule(LightningModule):
         # in place: the state dict keeps its keys (no `_orig_mod.`), so checkpoints load anywhere
         self.net.compile(backend=self.hparams.compile_backend)
         self.fast_path["compiled"] = True
+
+    def setup(self, stage: str) -> None:
+        """Validate in fp32 where the Trainer's bf16 autocast would run a slow fallback (a CPU without
+        native bf16), saying so once with the measured ratio."""
+        trainer, device = self.trainer, self.trainer.strategy.root_device
+        bf16 = trainer.precision == "bf16-mixed" or (trainer.precision == "16-mixed" and device.type == "cpu")
+        keep, why = inference_autocast(torch.bfloat16 if bf16 else None, device)
+        if not keep and not self.infer_fp32:
+            log.warning("%s", why)
+            self.infer_fp32 = self.fast_path["inference_fp32"] = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.contiguous(memory_format=self.memory_format))
@@ -134,14 +149,15 @@ class SegmentationModule(LightningModule):
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Logits for whole volumes by Gaussian-weighted sliding windows of the training patch."""
-        return sliding_window_inference(
-            image,
-            roi_size=self.hparams.patch_size,
-            sw_batch_size=self.hparams.sw_batch_size,
-            predictor=self.net,
-            overlap=self.hparams.sw_overlap,
-            mode="gaussian",
-        )
+        with torch.autocast(image.device.type, enabled=False) if self.infer_fp32 else nullcontext():
+            return sliding_window_inference(
+                image,
+                roi_size=self.hparams.patch_size,
+                sw_batch_size=self.hparams.sw_batch_size,
+                predictor=self.net,
+                overlap=self.hparams.sw_overlap,
+                mode="gaussian",
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prediction = self.predict_volume(batch["image"]).argmax(1)
