@@ -3,17 +3,13 @@ stays non-finite."""
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_seg.errors import UserError
-from lightning_seg.model.module import grad_scaler, loss_scale
-
-if TYPE_CHECKING:  # the attributes callbacks read are declared there
-    from lightning_seg.model.module import SegmentationModule
+from lightning_seg.model.module import SegmentationModule, grad_scaler, loss_scale
 
 
 class NonFiniteLossError(UserError):
@@ -48,12 +44,12 @@ class AmpGuard(Callback):
         self._epoch = 0
 
     def on_train_batch_start(
-        self, trainer: Trainer, pl_module: "SegmentationModule", batch, batch_idx: int
+        self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx: int
     ) -> None:
         self._step, self._epoch = trainer.global_step, trainer.current_epoch
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: "SegmentationModule", outputs, batch, batch_idx: int
+        self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx: int
     ) -> None:
         scaler = grad_scaler(trainer)
         if scaler is not None:
@@ -83,7 +79,7 @@ class AmpGuard(Callback):
         if self.nonfinite_steps >= self.max_nonfinite_steps:
             raise NonFiniteLossError(self._message(trainer, f"for {self.nonfinite_steps} consecutive steps"))
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: "SegmentationModule", checkpoint: dict) -> None:
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: SegmentationModule, checkpoint: dict) -> None:
         # runs before the file is written: raising here leaves the previous checkpoint on disk untouched
         if not weights_finite(pl_module):
             raise NonFiniteLossError(

@@ -1,15 +1,12 @@
 """Per-phase timing of real training steps: forward, loss, backward, optimizer."""
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from pytorch_lightning import Callback, Trainer
 
+from lightning_seg.model.module import SegmentationModule  # declares what callbacks read
 from lightning_seg.study.callbacks.peak_memory import peak_memory_gib
-
-if TYPE_CHECKING:  # the attributes callbacks read are declared there
-    from lightning_seg.model.module import SegmentationModule
 
 # in the order a step runs them (the reference talk's table shows forward, backward, loss, optimizer)
 PHASES = ("forward", "loss", "backward", "optimizer")
@@ -65,7 +62,7 @@ class StepBreakdown(Callback):
         self._hook = None
         self._measured_step = 0
 
-    def setup(self, trainer: Trainer, pl_module: "SegmentationModule", stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
         if self.every_n_steps > 0 and self._hook is None:
             # kept out of torch.compile's graph: a host clock cannot be traced (a graph break either way,
             # after the network's last op)
@@ -73,7 +70,7 @@ class StepBreakdown(Callback):
                 torch.compiler.disable(lambda *_: self._mark("forward"))
             )
 
-    def teardown(self, trainer: Trainer, pl_module: "SegmentationModule", stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -83,21 +80,21 @@ class StepBreakdown(Callback):
             self._clock.mark(name)
 
     def on_train_batch_start(
-        self, trainer: Trainer, pl_module: "SegmentationModule", batch, batch_idx: int
+        self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx: int
     ) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
             self._clock = PhaseClock(pl_module.device.type == "cuda")
             self._measured_step = trainer.global_step
             self._mark("start")
 
-    def on_before_backward(self, trainer: Trainer, pl_module: "SegmentationModule", loss) -> None:
+    def on_before_backward(self, trainer: Trainer, pl_module: SegmentationModule, loss) -> None:
         self._mark("loss")
 
-    def on_after_backward(self, trainer: Trainer, pl_module: "SegmentationModule") -> None:
+    def on_after_backward(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
         self._mark("backward")
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: "SegmentationModule", outputs, batch, batch_idx
+        self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx
     ) -> None:
         if self._clock is None:
             return

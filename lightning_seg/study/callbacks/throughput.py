@@ -2,15 +2,12 @@
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from pytorch_lightning import Callback, Trainer
 
+from lightning_seg.model.module import SegmentationModule  # declares what callbacks read
 from lightning_seg.study.callbacks.training_clock import TrainingClock
 from lightning_seg.study.profiler import DataWaitProfiler
-
-if TYPE_CHECKING:  # the attributes callbacks read are declared there
-    from lightning_seg.model.module import SegmentationModule
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +28,7 @@ class Throughput(Callback):
         self._compile_logged = False
         self._trainer: Trainer | None = None
 
-    def setup(self, trainer: Trainer, pl_module: "SegmentationModule", stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
         self._trainer = trainer
         if not isinstance(trainer.profiler, DataWaitProfiler):
             log.warning(
@@ -39,15 +36,11 @@ class Throughput(Callback):
                 type(trainer.profiler).__name__,
             )
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: "SegmentationModule", batch, batch_idx
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx) -> None:
         if len(self._step_starts) < 3:
             self._step_starts.append(time.perf_counter())
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: "SegmentationModule", outputs, batch, batch_idx
-    ):
+    def on_train_batch_end(self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx):
         self.samples += len(batch["image"]) * trainer.world_size
         if len(self._step_starts) == 3 and not self._compile_logged:
             self._compile_logged = True
@@ -58,7 +51,7 @@ class Throughput(Callback):
                 pl_module.fast_path["compile_s"] = max(0.0, first - second)
                 log.info("torch.compile: the first step took %.1f s longer than the second", first - second)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: "SegmentationModule") -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
         clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
         if trainer.sanity_checking or clock is None or clock.train_seconds() <= 0:
             return

@@ -18,7 +18,8 @@ class TrainingClock(Callback):
 
     def __init__(self) -> None:
         self.train_s = 0.0  # finished training segments
-        self.wall_s = 0.0
+        self.wall_s = 0.0  # at the last validation (logged as time/wall_s)
+        self.validated_at_train_s = 0.0  # time/train_s as logged at the last validation
         self._segment_start: float | None = None
         self._fit_start: float | None = None
         self._wall_at_fit_start = 0.0
@@ -51,9 +52,9 @@ class TrainingClock(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self._fit_start is None:
             return
-        self.wall_s = self.wall_seconds()
+        self.wall_s, self.validated_at_train_s = self.wall_seconds(), self.train_seconds()
         # under DDP: the mean of the processes' clocks, which differ by the last step's sync at most
-        pl_module.log("time/train_s", self.train_seconds(), sync_dist=True)
+        pl_module.log("time/train_s", self.validated_at_train_s, sync_dist=True)
         pl_module.log("time/wall_s", self.wall_s, sync_dist=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

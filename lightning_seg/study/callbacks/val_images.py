@@ -2,7 +2,6 @@
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -14,8 +13,7 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.loggers import WandbLogger
 from torch.utils.data import DataLoader, SequentialSampler
 
-if TYPE_CHECKING:  # the attributes callbacks read are declared there
-    from lightning_seg.model.module import SegmentationModule
+from lightning_seg.model.module import SegmentationModule  # declares what callbacks read
 
 WANDB_KEY = "val_images"
 GAP = 2  # background pixels between the three slices of a mosaic
@@ -37,12 +35,12 @@ class ValidationImages(Callback):
         self._wandb_images: list = []
         self._cases: list[str] = []
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: "SegmentationModule") -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
         self._wandb_images = []
         self._cases = _case_names(trainer, self.count)
 
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: "SegmentationModule", outputs, batch, batch_idx, dataloader_idx=0
+        self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or batch_idx >= self.count:
             return
@@ -62,7 +60,7 @@ class ValidationImages(Callback):
         if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
             self._wandb_images.append((case, gray, ref, pred))
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: "SegmentationModule") -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
         if not self._wandb_images:
             return
         import wandb
