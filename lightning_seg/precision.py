@@ -67,7 +67,7 @@ def cpu_has_native_bf16() -> bool:
 
 def bf16_conv_slowdown(repeats: int = 3) -> float:
     """Measured: seconds of one small Conv3d forward under CPU bf16 autocast over the same in fp32 (the
-    median of `repeats`; about 0.1 s in all where bf16 is slow, milliseconds where it is not)."""
+    median of `repeats`; a fraction of a second in all)."""
     import time
 
     conv, x = torch.nn.Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 16, 16, 16)
