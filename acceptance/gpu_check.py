@@ -6,21 +6,22 @@ usage: python acceptance/gpu_check.py [--data-dir DIR] [--report-dir DIR] [--dry
 
 Parts, each recorded on its own (a failing part is written into the report and the rest go on):
 1. the reference grid (128^3 b2 and b8 with the bare PyTorch loop side by side, 160^3 b8) in
-   true fp32, TF32, fp16 AMP and bf16 AMP;
+   true fp32, TF32, fp16 AMP and bf16 AMP, then precision=auto's probe at each of its points: the
+   probe's timings and choice against the grid's fastest;
 2. the fast configuration (fp16 AMP, torch.compile, fused Adam, cuDNN benchmark) against plain
    AMP, with the bare loop plain and compiled;
 3. each switch alone against the default fp16 step (cuDNN benchmark, deterministic kernels,
    compile, channels_last_3d, fused Adam);
 4. the real training loader against synthetic input, CPU cache and GPU cache;
-5. short real-data trainings (hippocampus) at 32, 16 and bf16: time to each Dice threshold and
-   the loader's wait;
+5. short real-data trainings (hippocampus) at 32, 16, bf16 and auto (with the precisions auto chose):
+   time to each Dice threshold and the loader's wait;
 6. the memory planner (`lightning_seg.study.memory`) at the reference points: predicted against measured
    `torch.cuda.max_memory_allocated` (dry: predictions only).
 
 Runs in the Python environment it is started from: no install, no download. `--dry` runs every
 part at tiny sizes (on a CPU in a few minutes, the synthetic task standing in for real data), so
 the command stays working where there is no GPU. The report: REPORT_DIR/report.md with grid.json,
-switches.json, loader.json, training.json, plan.json, phases.png and memory.png beside it.
+auto.json, switches.json, loader.json, training.json, plan.json, phases.png and memory.png beside it.
 """
 
 import argparse
@@ -38,9 +39,15 @@ from lightning_seg.config import CONFIG_DIR
 from lightning_seg.environment import environment_info
 from lightning_seg.precision import PRECISIONS, label
 from lightning_seg.run_dir import RunDir
-from lightning_seg.study.bench.__main__ import attempt, prepared_datamodule, run_point
+from lightning_seg.study.bench.__main__ import attempt, prepared_datamodule, probe_against_grid, run_point
 from lightning_seg.study.bench.step import measure
-from lightning_seg.study.bench.tables import loader_table, markdown_table, plot_memory, plot_phases
+from lightning_seg.study.bench.tables import (
+    loader_table,
+    markdown_table,
+    plot_memory,
+    plot_phases,
+    probe_table,
+)
 
 log = logging.getLogger("gpu_check")
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,11 +147,18 @@ class Check:
         base = [*self.paths("grid"), *s["model"], *s["grid_steps"]]
         points = [(e, b, True) for e, b in s["grid_bare_points"]]
         points += [(e, b, False) for e, b in s["grid_points"]]
-        return [
+        self.grid_records = [
             run_point(base, p, "basic_unet", edge, batch, self.device, bare, None)
             for edge, batch, bare in points
             for p in PRECISIONS
         ]
+        return self.grid_records
+
+    def auto(self) -> dict:
+        """precision=auto's probe at each grid point: its timings and choice against the grid's fastest."""
+        base = [*self.paths("auto"), *self.sizes["model"]]
+        margin = compose(config_name="bench", overrides=base).auto_precision.margin
+        return {"margin": margin, "points": probe_against_grid(base, self.grid_records, self.device, margin)}
 
     def switches(self) -> dict[str, dict]:
         s = self.sizes
@@ -222,7 +236,7 @@ class Check:
         from lightning_seg.training import train
 
         results = []
-        for precision in ("32", "16", "bf16"):
+        for precision in ("32", "16", "bf16", "auto"):
             name = f"train_{precision}"
             overrides = [
                 *self.paths(name),
@@ -245,8 +259,11 @@ def _training_record(precision: str, run: Path, outcome: dict) -> dict:
     val = metrics.dropna(subset=["val/dice"])
     last = val.iloc[-1] if len(val) else None  # a run can end before its first validation
     tta = json.loads(RunDir(run).time_to_accuracy_json.read_text())
+    auto = json.loads(RunDir(run).environment_json.read_text()).get("precision_auto")
     return {
         **record,
+        # precision=auto: what the probe chose for training and for validation
+        **({"chosen": [auto["train"], auto["inference_precision"]]} if auto else {}),
         "steps": int(metrics["step"].max()),
         "best_val_dice": float(val["val/dice"].max()) if len(val) else None,
         "time_to_dice_s": {t: r["train_s"] for t, r in tta["reached"].items()},
@@ -334,8 +351,11 @@ def training_table(runs: list[dict]) -> list[str]:
         wait = r.get("perf/data_wait_frac")
         peak = r.get("memory/train_peak_gib")
         best = r["best_val_dice"]
+        chosen = (
+            f" (trained {label(r['chosen'][0])}, validated {label(r['chosen'][1])})" if "chosen" in r else ""
+        )
         lines.append(
-            f"| {label(r['precision'])} | {r['steps']} | {f'{best:.3f}' if best is not None else '-'} | "
+            f"| {label(r['precision'])}{chosen} | {r['steps']} | {'-' if best is None else f'{best:.3f}'} | "
             f"{times} | {f'{100 * wait:.1f}%' if wait is not None else '-'} | "
             f"{r.get('perf/samples_per_s', float('nan')):.1f} | {f'{peak:.2f}' if peak else '-'} |"
         )
@@ -382,7 +402,7 @@ def main() -> None:
     check = Check(args)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         results = {}
-        for part in ("grid", "switches", "loader", "training", "plan"):
+        for part in ("grid", "auto", "switches", "loader", "training", "plan"):
             part_start = time.perf_counter()
             results[part] = attempt(part, getattr(check, part), check.device)
             log.info("part %s done in %.0f s", part, time.perf_counter() - part_start)
@@ -425,6 +445,11 @@ def write_report(check: Check, results: dict, seconds: float) -> None:
         *goals(grid, switches, loader),
         "",
         markdown_table(grid_result).replace("# Training-step", "## Reference grid: training-step", 1),
+        *(
+            probe_table({"precision_auto": results["auto"]})
+            if "points" in results["auto"]
+            else ["## precision=auto's probe against this grid", "", "not run", ""]
+        ),
         f"## Each switch alone ({label(check.sizes['switch_precision'])})",
         "",
         *switch_table(switches),

@@ -2,16 +2,19 @@
 
 Under Lightning's `ddp` strategy, the processes of ranks 1.. start only when rank 0 reaches
 `trainer.fit` and run the training script again; under SLURM or torchrun every process starts at
-once. Either way, the dataset check, the synthetic writer and an MSD download run in the local rank
-0 process of each node while the others wait for its verdict, so a broken dataset stops every
-process with the same one-line message before a checkpoint, log or W&B run exists.
+once. Either way, the dataset check, the synthetic writer, an MSD download and precision=auto's probe
+run in the local rank 0 process of each node while the others wait for its verdict (and the probe's
+choice), so a broken dataset stops every process with the same one-line message before a checkpoint,
+log or W&B run exists, and every process trains in the same precision.
 """
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lightning_fabric.plugins.environments import (
     ClusterEnvironment,
@@ -47,29 +50,30 @@ def launch_id() -> str:
 
 
 def prepare_once_per_node(
-    prepare: Callable[[], None], marker_dir: Path, timeout_s: float = 24 * 3600
-) -> None:
+    prepare: Callable[[], Any], marker_dir: Path, timeout_s: float = 24 * 3600, name: str = "prepared"
+) -> Any:
     """Run `prepare` in the node's local rank 0 process; the node's other processes wait for it and
-    fail with its error message if it failed."""
+    fail with its error message if it failed. Every process returns what it returned (JSON-able)."""
     env = launch_environment()
-    marker = marker_dir / f".prepared-{launch_id()}-node{env.node_rank()}"
+    marker = marker_dir / f".{name}-{launch_id()}-node{env.node_rank()}"
     if env.local_rank() == 0:
         try:
-            prepare()
+            result = prepare()
         except UserError as err:
             write_atomic(marker, str(err))  # whole or absent: a waiting process never reads half of it
             raise
         except BaseException:
             write_atomic(marker, f"data preparation failed in local rank 0: see its log in {marker_dir}")
             raise
-        write_atomic(marker, OK)
-        return
-    log.info("local rank %d: waiting for local rank 0 to prepare the data (%s)", env.local_rank(), marker)
+        write_atomic(marker, f"{OK}\n{json.dumps(result)}")
+        return result
+    log.info("local rank %d: waiting for local rank 0 (%s)", env.local_rank(), marker)
     deadline = time.monotonic() + timeout_s
     while not marker.is_file():
         if time.monotonic() > deadline:
             raise TimeoutError(f"local rank 0 did not finish preparing the data within {timeout_s:.0f} s")
         time.sleep(POLL_S)
-    verdict = marker.read_text()
+    verdict, _, result = marker.read_text().partition("\n")
     if verdict != OK:
-        raise UserError(verdict)
+        raise UserError(marker.read_text())
+    return json.loads(result)

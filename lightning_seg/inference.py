@@ -18,7 +18,7 @@ from monai.transforms import Compose, Invertd
 from lightning_seg.checkpoint_format import load_checkpoint
 from lightning_seg.data.transforms import preprocessing
 from lightning_seg.errors import InputError
-from lightning_seg.precision import autocast, autocast_dtype, inference_autocast
+from lightning_seg.precision import autocast, fast_inference_precision
 
 log = logging.getLogger(__name__)
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
@@ -71,11 +71,13 @@ class Predictor:
             net = instantiate(other["model"])
             net.load_state_dict(state)
             self.nets.append((net.to(self.device).eval(), list(other["task"]["patch_size"])))
-        self.precision = str(precision if precision is not None else config["precision"])
-        keep, why = inference_autocast(autocast_dtype(self.precision, self.device), self.device)
-        if not keep:
+        # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
+        requested = (
+            precision if precision is not None else config.get("inference_precision") or config["precision"]
+        )
+        self.precision, why = fast_inference_precision(requested, self.device)
+        if why:
             log.warning("%s", why)
-            self.precision = "32"
         self.overlap, self.sw_batch_size, self.stitch_on_cpu = overlap, sw_batch_size, stitch_on_cpu
         data = config.get("data", {})
         trained_flips = data.get("flip_axes", [0, 1, 2]) if data.get("augment", False) else []

@@ -15,13 +15,20 @@ PRECISIONS = {
     "16": ("16-mixed", False, "fp16 AMP"),  # fp16 autocast with loss scaling (Lightning runs bf16 on CPU)
     "bf16": ("bf16-mixed", False, "bf16 AMP"),
 }
+AUTO = "auto"  # measured by training at start-up: lightning_seg.auto_precision
 
 
 def _lookup(choice) -> tuple[str, bool, str]:
     try:
         return PRECISIONS[str(choice)]
     except KeyError:
-        raise ConfigError(f"precision={choice}: choose one of {', '.join(PRECISIONS)}") from None
+        if str(choice) == AUTO:  # only training resolves it, before anything reads the table
+            raise ConfigError(
+                f"precision=auto is chosen by training at start-up; here name one of {', '.join(PRECISIONS)}"
+            ) from None
+        raise ConfigError(
+            f"precision={choice}: choose one of {', '.join(PRECISIONS)}, or auto (training)"
+        ) from None
 
 
 def trainer_precision(choice) -> str:
@@ -30,6 +37,11 @@ def trainer_precision(choice) -> str:
 
 def uses_tf32(choice) -> bool:
     return _lookup(choice)[1]
+
+
+def choice_of(trainer_mode: str) -> str:
+    """The `precision=` choice of a Trainer's precision flag (fp32 for 32-true, whatever TF32 says)."""
+    return next(c for c, (mode, _, _) in PRECISIONS.items() if mode == trainer_mode)
 
 
 def label(choice) -> str:
@@ -84,14 +96,15 @@ def bf16_conv_slowdown(repeats: int = 3) -> float:
     return seconds(True) / max(seconds(False), 1e-9)
 
 
-def inference_autocast(trained_with: torch.dtype | None, device: torch.device) -> tuple[bool, str | None]:
-    """Whether validation and prediction keep the autocast dtype a run trains (or trained) with on
-    `device`, and else the one log line that says why not: on a CPU without native bf16, a bf16 sliding
-    window takes 10-40x longer than fp32 (which the run does not pay silently: it infers in fp32)."""
-    if device.type != "cpu" or trained_with != torch.bfloat16 or cpu_has_native_bf16():
-        return True, None
+def fast_inference_precision(choice, device: torch.device) -> tuple[str, str | None]:
+    """The precision validation and prediction run in for `choice` on `device`, and the one log line
+    that says why it is not `choice`: on a CPU without native bf16 a bf16 sliding window takes 10-40x
+    longer than fp32, which a run does not pay silently (it infers in fp32)."""
+    choice = str(choice)
+    if device.type != "cpu" or autocast_dtype(choice, device) != torch.bfloat16 or cpu_has_native_bf16():
+        return choice, None
     ratio = bf16_conv_slowdown()
-    return False, (
+    return "32", (
         f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16: a bf16 3D convolution "
         f"takes {ratio:.1f}x as long as in fp32 here; validation and prediction run in fp32 "
         "(precision=32 trains in fp32 too)"

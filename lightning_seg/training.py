@@ -14,15 +14,17 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lightning_seg import auto_precision
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info, known_problems
 from lightning_seg.loggers import ResumableCSVLogger
-from lightning_seg.precision import set_tf32, uses_tf32
+from lightning_seg.precision import AUTO, set_tf32, uses_tf32
 from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.task import check_task
+from lightning_seg.trainers import LIGHTNING_OWN_DEPRECATION, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,6 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
-    """The Trainer of `cfg.trainer` (precision, devices, strategy, speed and checkpoint plugins as
-    configured), with `overrides` (callbacks, logger, limits): training, validation and the study's
-    benchmark all build theirs here, so an override of `trainer.*` means the same in each."""
-    return instantiate(cfg.trainer, **overrides)
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the configured module on the configured task; return final metrics and the objects.
 
@@ -60,9 +55,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_task(cfg)
     run = RunDir(cfg.paths.output_dir)
     output_dir = run.path
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     resume = find_checkpoint(cfg.ckpt_path, output_dir)
     in_place = resume is not None and resume.in_place
+    precision_auto = None
+    if str(cfg.precision) == AUTO:  # measured once per node (the local rank 0 process); the others wait
+        output_dir.mkdir(parents=True, exist_ok=True)
+        saved = resume.run_config.get("precision_auto") if in_place else None
+        precision_auto = prepare_once_per_node(
+            lambda: auto_precision.choose(cfg, saved), output_dir, name="precision-auto"
+        )
+        auto_precision.apply(cfg, precision_auto)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if precision_auto is not None:  # in the checkpoints and the model card
+        resolved["precision_auto"] = precision_auto
     # before anything is written: a resume whose config no longer fits the run stops here
     saved_split = prepare_in_place(resume, resolved, output_dir) if in_place else None
     # a resumed run draws new random patches instead of replaying those the run started with
@@ -86,6 +91,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
     env["batch"] = batch_sizes(datamodule.batch_size, trainer)
     env["known_problems"] = known_problems(env, cfg.precision)
+    if precision_auto is not None:
+        env["precision_auto"] = precision_auto
     for problem in env["known_problems"]:
         log.warning("%s", problem)
     log.info("environment: %s", env)
@@ -103,8 +110,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger.log_hyperparams({**resolved, "env": env})
     try:
         with warnings.catch_warnings():
-            # Lightning 2.6's own _pytree uses torch's deprecated LeafSpec: nothing a user can act on
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            warnings.filterwarnings("ignore", message=LIGHTNING_OWN_DEPRECATION)
             if resume is not None:
                 for message in RESUME_WARNINGS:
                     warnings.filterwarnings("ignore", message=message)

@@ -18,7 +18,7 @@ from lightning_seg.entry import user_errors
 from lightning_seg.errors import MissingFileError
 from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
 from lightning_seg.run_dir import RunDir, write_json
-from lightning_seg.training import build_trainer
+from lightning_seg.trainers import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,11 @@ def validate(cfg: DictConfig) -> dict:
         raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     checkpoint, run = load_checkpoint(ckpt_path)
     output_dir = Path(cfg.paths.output_dir)
-    precision = cfg.precision if cfg.precision is not None else run["precision"]
+    # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
+    precision = str(cfg.precision or run.get("inference_precision") or run["precision"])
     set_tf32(uses_tf32(precision))
 
-    module = instantiate(run["module"])
+    module = instantiate(run["module"], inference_precision=precision)
     # the weights alone: validation needs none of the training state a Trainer would restore
     module.load_state_dict(checkpoint["state_dict"])
     data = OmegaConf.merge(run["data"], cfg.data)

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from lightning_seg import precision
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.synthetic import write_synthetic_msd
 
@@ -104,3 +105,10 @@ def multirun(tmp: Path, arguments: list[str]) -> Path:
     )
     (sweep,) = (tmp / "outputs" / "multiruns").iterdir()
     return sweep
+
+
+@pytest.fixture
+def slow_cpu_bf16(monkeypatch):
+    """A CPU without native bf16 (AVX2 only), faked: this machine's oneDNN may have bf16 kernels."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "bf16_conv_slowdown", lambda: 42.0)

@@ -242,7 +242,7 @@ def test_user_error_found_inside_an_omegaconf_resolver(tmp_path):
     cfg = compose_config(tmp_path, ["precision=8"])
     with pytest.raises(InterpolationResolutionError) as err:
         _ = cfg.trainer.precision
-    assert user_message(err.value) == "precision=8: choose one of 32, tf32, 16, bf16"
+    assert user_message(err.value) == "precision=8: choose one of 32, tf32, 16, bf16, or auto (training)"
 
 
 def test_a_bug_keeps_its_traceback():

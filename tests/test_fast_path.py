@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from lightning_seg import precision
 from lightning_seg.environment import known_problems
 from lightning_seg.inference import Predictor
 from lightning_seg.training import train
@@ -44,7 +43,12 @@ def test_speed_by_default_and_deterministic_kernels_on_request(
     assert env["deterministic_algorithms"] is deterministic
     # 3D max-pool has no deterministic CUDA backward: a warning, not a stopped run
     assert env["deterministic_warn_only"] is deterministic
-    assert env["fast_path"] == {"compiled": False, "channels_last_3d": False, "fused_optimizer": False}
+    assert env["fast_path"] == {
+        "compiled": False,
+        "channels_last_3d": False,
+        "fused_optimizer": False,
+        "inference_precision": "32",
+    }
 
 
 def run_short(tmp_path, *overrides: str):
@@ -165,13 +169,6 @@ def test_a_run_on_a_known_bad_torch_warns_and_records_it(tmp_path, monkeypatch, 
     assert env["cpu_capability"] and isinstance(env["cpu_native_bf16"], bool)
 
 
-@pytest.fixture
-def slow_cpu_bf16(monkeypatch):
-    """A CPU without native bf16 (AVX2 only), faked: this machine's oneDNN may have bf16 kernels."""
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(precision, "bf16_conv_slowdown", lambda: 42.0)
-
-
 def test_bf16_training_on_a_cpu_without_native_bf16_validates_in_fp32_and_says_why(
     tmp_path, slow_cpu_bf16, caplog
 ):
@@ -182,13 +179,13 @@ def test_bf16_training_on_a_cpu_without_native_bf16_validates_in_fp32_and_says_w
     [line] = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
     assert "42.0x as long as in fp32" in line and "validation and prediction run in fp32" in line
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
-    assert env["fast_path"]["inference_fp32"] is True
+    assert env["fast_path"]["inference_precision"] == "32"
     module, seen = objects["module"], []
     module.net.register_forward_hook(lambda net, args, out: seen.append(out.dtype))
     image = torch.randn(1, 1, 32, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16 plugin wraps validation in
         module.predict_volume(image)
-        module.infer_fp32 = False
+        module.inference_precision = "bf16"
         module.predict_volume(image)
     assert seen == [torch.float32, torch.bfloat16]  # the network's windows: fp32 here, bf16 where fast
 

@@ -13,7 +13,18 @@ from lightning_seg.errors import ConfigError
 from lightning_seg.task import check_task
 
 ENTRIES = ("train", "bench", "plan", "check")
-COMPARED = ("module", "loss", "optimizer", "precision", "trainer", "data", "task", "callbacks")
+COMPARED = (
+    "module",
+    "loss",
+    "optimizer",
+    "precision",
+    "inference_precision",
+    "auto_precision",
+    "trainer",
+    "data",
+    "task",
+    "callbacks",
+)
 
 
 def train_groups() -> list[str]:
@@ -43,6 +54,8 @@ def group_overrides() -> list[str]:
 TOP_LEVEL = {
     "seed": "seed=7",
     "precision": "precision=bf16",
+    "inference_precision": "inference_precision=32",
+    "auto_precision": "auto_precision.margin=0.1",
     "reproducible": "reproducible=true",
     "verbose": "verbose=true",
     "ckpt_path": "ckpt_path=last",

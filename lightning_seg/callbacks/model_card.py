@@ -33,6 +33,10 @@ class ModelCard(Callback):
             # the checkpoint's weights: an EMA of the training weights, or the raw weights (null)
             "weight_average": config.get("callbacks", {}).get("weight_average"),
             "precision": config.get("precision"),
+            # what validation ran in and prediction runs in unless told (precision=auto: the measured choice)
+            "inference_precision": config.get("inference_precision") or config.get("precision"),
+            # precision=auto's probe: each precision's timings on the training device, and its choice
+            "precision_auto": config.get("precision_auto"),
             "data": {
                 "task_dir": str(getattr(datamodule, "task_dir", "")),
                 "train_cases": len(getattr(datamodule, "train_cases", [])),

@@ -15,7 +15,7 @@ from torchmetrics.segmentation import DiceScore
 from lightning_seg.checkpoint_format import stamp, upgrade
 from lightning_seg.model.compile import compile_unavailable_reason
 from lightning_seg.model.deep_supervision import segmentation_loss
-from lightning_seg.precision import inference_autocast
+from lightning_seg.precision import autocast, choice_of, fast_inference_precision
 from lightning_seg.scoring import Regions, scored_structures, structure_masks
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class SegmentationModule(LightningModule):
     # under fp16 AMP: whether the grad scaler skipped the last optimizer step (a device bool tensor);
     # AmpGuard counts the skips
     amp_step_skipped: torch.Tensor | bool | None
-    # validation in fp32 although training autocasts: bf16 is a slow fallback on this CPU (`setup`)
-    infer_fp32: bool
+    # the `precision=` choice validation and sliding-window prediction run in (`setup`)
+    inference_precision: str | None
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class SegmentationModule(LightningModule):
         fused_adam: bool = True,
         scheduler_interval: str = "epoch",
         regions: Regions | None = None,
+        inference_precision: str | None = None,
     ) -> None:
         super().__init__()
         # plain data only, so checkpoints load with torch.load(weights_only=True); run_config (the
@@ -93,7 +94,7 @@ class SegmentationModule(LightningModule):
         # what the fast-path switches became on this machine (environment.json records it)
         self.fast_path: dict[str, Any] = {"compiled": False, "channels_last_3d": channels_last_3d}
         self.amp_step_skipped = None
-        self.infer_fp32 = False
+        self.inference_precision = None
 
     def configure_model(self) -> None:
         """Memory layout and torch.compile, applied once before the first step (Lightning calls this
@@ -112,14 +113,15 @@ class SegmentationModule(LightningModule):
         self.fast_path["compiled"] = True
 
     def setup(self, stage: str) -> None:
-        """Validate in fp32 where the Trainer's bf16 autocast would run a slow fallback (a CPU without
-        native bf16), saying so once with the measured ratio."""
+        """The inference precision: `inference_precision` (precision=auto's measured choice) or the
+        Trainer's, except where that runs a slow fallback (bf16 on a CPU without native bf16): then fp32,
+        said once with the measured ratio."""
         trainer, device = self.trainer, self.trainer.strategy.root_device
-        bf16 = trainer.precision == "bf16-mixed" or (trainer.precision == "16-mixed" and device.type == "cpu")
-        keep, why = inference_autocast(torch.bfloat16 if bf16 else None, device)
-        if not keep and not self.infer_fp32:
+        requested = self.hparams.get("inference_precision") or choice_of(trainer.precision)
+        choice, why = fast_inference_precision(requested, device)
+        if why and self.inference_precision != choice:
             log.warning("%s", why)
-            self.infer_fp32 = self.fast_path["inference_fp32"] = True
+        self.inference_precision = self.fast_path["inference_precision"] = choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.contiguous(memory_format=self.memory_format))
@@ -149,7 +151,8 @@ class SegmentationModule(LightningModule):
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Logits for whole volumes by Gaussian-weighted sliding windows of the training patch."""
-        with torch.autocast(image.device.type, enabled=False) if self.infer_fp32 else nullcontext():
+        # its own autocast, inside the Trainer's: validation may run in another precision than training
+        with autocast(self.inference_precision, image.device) if self.inference_precision else nullcontext():
             return sliding_window_inference(
                 image,
                 roi_size=self.hparams.patch_size,

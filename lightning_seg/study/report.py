@@ -23,11 +23,11 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lightning_seg.precision import PRECISIONS, label  # noqa: E402
+from lightning_seg.precision import AUTO, PRECISIONS, label  # noqa: E402
 from lightning_seg.run_dir import RunDir  # noqa: E402
 
-PRECISION_ORDER = list(PRECISIONS)
-COLOURS = {"32": "tab:blue", "tf32": "tab:purple", "16": "tab:orange", "bf16": "tab:green"}
+PRECISION_ORDER = [*PRECISIONS, AUTO]
+COLOURS = {"32": "tab:blue", "tf32": "tab:purple", "16": "tab:orange", "bf16": "tab:green", AUTO: "tab:red"}
 
 
 @dataclass
@@ -40,10 +40,11 @@ class Run:
     device: str
     time_to_accuracy: dict  # the run's time_to_accuracy.json
     wandb: dict | None  # the resolved logger.wandb config where the run logged to W&B
+    chosen: str | None = None  # precision=auto: what the probe chose to train in
 
     @property
     def label(self) -> str:
-        return label(self.precision)
+        return label(self.precision) + (f" ({label(self.chosen)})" if self.chosen else "")
 
     @property
     def thresholds(self) -> list[float]:
@@ -102,6 +103,7 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 env.get("gpu") or f"CPU ({env.get('cpu_count', '?')} cores)",
                 json.loads(tta_file.read_text()),
                 _wandb_config(run_dir),
+                env.get("precision_auto", {}).get("train"),
             )
         )
     if not runs:

@@ -20,9 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_seg import auto_precision
+from lightning_seg.auto_precision import untimed_reason
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.entry import user_errors
 from lightning_seg.environment import environment_info
+from lightning_seg.precision import label
 from lightning_seg.study.bench import bare_loop
 from lightning_seg.study.bench.step import measure
 from lightning_seg.study.bench.tables import markdown_table, plot_memory, plot_phases
@@ -88,6 +91,10 @@ def run_point(
     cfg = compose(config_name="bench", overrides=overrides)
     patch = edge if edge is not None else "x".join(str(e) for e in cfg.task.patch_size)
     record = {"precision": precision, "model": model, "patch": patch, "batch": batch}
+    slow = None if cfg.bench.slow_fallbacks else untimed_reason(precision, device)
+    if slow:  # minutes per point for a number known in advance: 10-40x fp32
+        log.info("%s %s: %s (bench.slow_fallbacks=true times it)", model, label(precision), slow)
+        return {**record, "project": {"error": slow}}
     runs = {"project": lambda: measure(cfg, batch, device)}
     if datamodule is not None:
         runs["loader"] = lambda: measure(cfg, batch, device, datamodule.train_dataloader())
@@ -104,6 +111,29 @@ def run_point(
         record["loader_over_synthetic_rate"] = loader["samples_per_s"] / ours["samples_per_s"]
     log.info("%s", json.dumps(record))
     return record
+
+
+def probe_against_grid(base: list[str], records: list[dict], device, margin: float) -> list[dict]:
+    """precision=auto's probe at every (model, patch, batch) of the grid, beside the grid's own choice:
+    the precision the same rule takes from the grid's step totals."""
+    rows = []
+    for model, patch, batch in dict.fromkeys((r["model"], r["patch"], r["batch"]) for r in records):
+        overrides = [*base, f"model={model}", f"data.batch_size={batch}", "precision=32"]
+        if isinstance(patch, int):
+            overrides.append(f"task.patch_size=[{patch},{patch},{patch}]")
+        cfg = compose(config_name="bench", overrides=overrides)
+        probe = attempt("probe", lambda cfg=cfg: auto_precision.probe(cfg, device), device)
+        order = auto_precision.candidates(device)
+        totals = {
+            r["precision"]: r["project"]["median_s"]["total"]
+            for r in records
+            if (r["model"], r["patch"], r["batch"]) == (model, patch, batch) and "median_s" in r["project"]
+        }
+        grid_choice = auto_precision.fastest(totals, order, margin) if totals else None
+        rows.append(
+            {"model": model, "patch": patch, "batch": batch, "probe": probe, "grid_choice": grid_choice}
+        )
+    return rows
 
 
 def prepared_datamodule(cfg: DictConfig):
@@ -123,6 +153,7 @@ def main(cfg: DictConfig) -> None:
         datamodule = prepared_datamodule(cfg) if cfg.bench.loader else None
     base = list(HydraConfig.get().overrides.task)
     records = [run_point(base, *point, device, cfg.bench.bare_loop, datamodule) for point in grid(cfg)]
+    probes = probe_against_grid(base, records, device, cfg.auto_precision.margin) if cfg.bench.probe else []
     env = environment_info()  # after the points: the flags their Trainers set
     result = {
         "environment": env,
@@ -130,6 +161,7 @@ def main(cfg: DictConfig) -> None:
         "speed": {**OmegaConf.to_container(cfg.speed, resolve=True), "reproducible": cfg.reproducible},
         "trainer": {"benchmark": cfg.trainer.benchmark, "deterministic": cfg.trainer.deterministic},
         "points": records,
+        "precision_auto": {"margin": cfg.auto_precision.margin, "points": probes},
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(markdown_table(result))

@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.environment import environment_info
-from lightning_seg.training import build_trainer
+from lightning_seg.trainers import build_trainer
 
 
 class BatchStartTimes(Callback):

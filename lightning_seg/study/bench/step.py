@@ -12,7 +12,7 @@ import itertools
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from copy import deepcopy
 
 import torch
@@ -25,20 +25,7 @@ from lightning_seg.precision import set_tf32, uses_tf32
 from lightning_seg.study.callbacks.peak_memory import peak_memory_gib
 from lightning_seg.study.callbacks.step_breakdown import StepBreakdown
 from lightning_seg.study.profiler import DataWaitProfiler
-from lightning_seg.training import build_trainer
-
-
-class SyntheticBatches(Iterable):
-    """`length` training batches drawn in turn from a few random input sets on the device."""
-
-    def __init__(self, inputs: list[dict[str, torch.Tensor]], length: int) -> None:
-        self.inputs, self.length = inputs, length
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return (self.inputs[i % len(self.inputs)] for i in range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
+from lightning_seg.trainers import SyntheticBatches, fit_steps, step_trainer, synthetic_inputs
 
 
 class StepRecorder(Callback):
@@ -68,18 +55,6 @@ class StepRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def synthetic_inputs(cfg: DictConfig, batch_size: int, device: torch.device) -> list[dict]:
-    shape = (batch_size, cfg.task.in_channels, *cfg.task.patch_size)
-    label_shape = (batch_size, 1, *cfg.task.patch_size)
-    return [
-        {
-            "image": torch.randn(shape, device=device),
-            "label": torch.randint(0, len(cfg.task.labels), label_shape, device=device).float(),
-        }
-        for _ in range(cfg.bench.input_sets)
-    ]
-
-
 def train_step_flops(module, batch: dict) -> int:
     """FLOPs of one forward and backward, counted eagerly on a copy of the module: a counted
     backward on the timed module itself was seen to leave it producing NaN under CPU bf16."""
@@ -97,34 +72,15 @@ def measure(cfg: DictConfig, batch_size: int, device: torch.device, loader: Iter
     seed_everything(cfg.seed, workers=True)
     set_tf32(uses_tf32(cfg.precision))
     module = instantiate(cfg.module)
-    inputs = synthetic_inputs(cfg, batch_size, device)
+    inputs = synthetic_inputs(cfg, batch_size, device, bench.input_sets)
     flops = train_step_flops(module.to(device), inputs[0])
     steps = bench.warmup + bench.steps
     breakdown, recorder = StepBreakdown(every_n_steps=1, keep=True), StepRecorder(bench.warmup)
     average = cfg.callbacks.get("weight_average")  # training updates its weight average after every step
     callbacks = [breakdown, recorder, *([instantiate(average)] if average else [])]
     with tempfile.TemporaryDirectory(prefix="bench-") as root:
-        # the Trainer training builds (precision, cuDNN benchmark and determinism from `trainer.*`), on
-        # one device, without the loggers, checkpoints and validation a benchmark must not time
-        trainer = build_trainer(
-            cfg,
-            devices=1,
-            strategy="auto",
-            num_nodes=1,
-            max_steps=steps,
-            max_epochs=-1,
-            max_time=None,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-            profiler=DataWaitProfiler(),
-            default_root_dir=root,
-        )
-        trainer.fit(module, train_dataloaders=loader or SyntheticBatches(inputs, steps))
+        trainer = step_trainer(cfg, steps, callbacks, root, profiler=DataWaitProfiler())
+        fit_steps(trainer, module, loader or SyntheticBatches(inputs, steps))
     loss = recorder.losses[-1]
     if not torch.isfinite(torch.tensor(loss)):
         raise FloatingPointError(f"non-finite loss {loss}")

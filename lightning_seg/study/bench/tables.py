@@ -63,6 +63,8 @@ def markdown_table(result: dict) -> str:
         )
     if any("loader" in p for p in points):
         lines += ["", *loader_table(points)]
+    if result.get("precision_auto", {}).get("points"):
+        lines += ["", *probe_table(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -89,6 +91,42 @@ def loader_table(points: list[dict]) -> list[str]:
             f"{p['loader_over_synthetic_rate']:.3f} | {100 * loader['data_wait_frac']:.1f}% |"
         )
     return lines
+
+
+def _timings(records: dict, key: str) -> str:
+    return ", ".join(f"{label(c)} {r[key]:.4f}" if key in r else f"{label(c)} -" for c, r in records.items())
+
+
+def probe_table(result: dict) -> list[str]:
+    """precision=auto's probe beside the grid: its timings per precision, its choice, the grid's."""
+    lines = [
+        "## precision=auto's probe against this grid",
+        "",
+        "The probe: a few warm training steps (batch start to batch start) and one sliding-window batch per "
+        "precision. The grid's choice: the same rule (fastest, a less precise one only "
+        f"{result['precision_auto']['margin']:.0%} faster) over the grid's step totals.",
+        "",
+        "| model | patch, batch | probe: training step s | probe: inference batch s | probe s "
+        "| probe trains in | grid's fastest | agree | probe validates in |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = result["precision_auto"]["points"]
+    for row in rows:
+        head = f"| {row['model']} | {patch_label(row)}, {row['batch']} |"
+        probe = row["probe"]
+        if "error" in probe:
+            lines.append(f"{head} {probe['error']} |" + " |" * 6)
+            continue
+
+        grid, train, infer = row["grid_choice"], probe["train"], probe["inference_precision"]
+        agree = ("yes" if grid == train else "no") if grid else "-"
+        grid = label(grid) if grid else "-"
+        lines.append(
+            f"{head} {_timings(probe['training'], 'step_s')} | {_timings(probe['inference'], 'batch_s')} "
+            f"| {probe['probe_s']:.1f} | {label(train)} | {grid} | {agree} | {label(infer)} |"
+        )
+    untimed = {r["error"] for row in rows for r in row["probe"].get("training", {}).values() if "error" in r}
+    return [*lines, *(f"- {reason}" for reason in sorted(untimed)), ""]
 
 
 def _figure(result: dict):
