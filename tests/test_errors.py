@@ -167,6 +167,8 @@ def test_unknown_task_fails_at_composition_with_the_choices(tmp_path):
     [
         ("data.batch_size=3", "error: data.batch_size=3 must be a multiple of data.samples_per_volume=2"),
         ("precision=17", "error: precision=17: choose one of 32, tf32, 16, bf16"),
+        # more volumes per step than cases train: Lightning would end at once, exit code 0, nothing trained
+        ("data.batch_size=12", "error: data.batch_size=12 draws 6 training volumes per step"),
         ("data.cache=ram", "error: data.cache must be one of memory, disk, gpu, none, got 'ram'"),
         (
             "task.patch_size=[24,24,24]",

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -155,12 +156,27 @@ class MSDDataModule(LightningDataModule):
 
     def check_processes(self, world_size: int) -> None:
         """Every process validates at least one case (a process without any would leave the others
-        waiting for it at the end of validation)."""
+        waiting for it at the end of validation) and fills at least one training batch (else Lightning
+        ends the fit at once, "No training batches", with exit code 0 and nothing trained)."""
         self.assign_split()
         if len(self.val_cases) < world_size:
             raise ConfigError(
                 f"{len(self.val_cases)} validation case(s) for {world_size} processes: each process "
                 "validates at least one; raise data.val_fraction or use fewer devices"
+            )
+        if self.batch_size == AUTO:
+            return
+        per_process = math.ceil(len(self.train_cases) / world_size)
+        volumes = self.batch_size // self.samples_per_volume  # loaded volumes per step and process
+        if 1 < per_process < volumes:  # one case alone is one (short) batch: drop_last keeps it
+            fits, train = per_process * self.samples_per_volume, len(self.train_cases)
+            total = train + len(self.val_cases) + len(self.test_cases)
+            where = f" on {world_size} processes" if world_size > 1 else ""
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} draws {volumes} training volumes per step "
+                f"({self.samples_per_volume} patches each, data.samples_per_volume), but {train} of the "
+                f"{total} cases train{where}: use data.batch_size={fits} or less, or "
+                f"data.samples_per_volume={self.batch_size} (every patch of a step from one volume)"
             )
 
     def setup(self, stage: str | None = None) -> None:
