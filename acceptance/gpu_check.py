@@ -253,17 +253,18 @@ class Check:
 
 def _training_record(precision: str, run: Path, outcome: dict) -> dict:
     record = {"precision": precision, "run_dir": str(run)}
+    env = RunDir(run).environment_json  # written before the first step: there for a run that then failed
+    auto = json.loads(env.read_text()).get("precision_auto") if env.is_file() else None
+    if auto:  # precision=auto: what the probe chose for training and for validation
+        record["chosen"] = [auto["train"], auto["inference_precision"]]
     if "error" in outcome:
         return {**record, **outcome}
     metrics = pd.read_csv(RunDir(run).metrics_csv)
     val = metrics.dropna(subset=["val/dice"])
     last = val.iloc[-1] if len(val) else None  # a run can end before its first validation
     tta = json.loads(RunDir(run).time_to_accuracy_json.read_text())
-    auto = json.loads(RunDir(run).environment_json.read_text()).get("precision_auto")
     return {
         **record,
-        # precision=auto: what the probe chose for training and for validation
-        **({"chosen": [auto["train"], auto["inference_precision"]]} if auto else {}),
         "steps": int(metrics["step"].max()),
         "best_val_dice": float(val["val/dice"].max()) if len(val) else None,
         "time_to_dice_s": {t: r["train_s"] for t, r in tta["reached"].items()},
@@ -341,8 +342,12 @@ def training_table(runs: list[dict]) -> list[str]:
         "| --- " * (6 + len(thresholds)) + "|",
     ]
     for r in runs:
+        trained = (
+            f" (trained {label(r['chosen'][0])}, validated {label(r['chosen'][1])})" if "chosen" in r else ""
+        )
+        name = f"{label(r['precision'])}{trained}"
         if "error" in r:
-            lines.append(f"| {label(r['precision'])} | {r['error']} |" + " |" * (4 + len(thresholds)))
+            lines.append(f"| {name} | {r['error']} |" + " |" * (4 + len(thresholds)))
             continue
         times = " | ".join(
             f"{r['time_to_dice_s'][f'{t:g}']:.1f}" if f"{t:g}" in r["time_to_dice_s"] else "not reached"
@@ -351,11 +356,8 @@ def training_table(runs: list[dict]) -> list[str]:
         wait = r.get("perf/data_wait_frac")
         peak = r.get("memory/train_peak_gib")
         best = r["best_val_dice"]
-        chosen = (
-            f" (trained {label(r['chosen'][0])}, validated {label(r['chosen'][1])})" if "chosen" in r else ""
-        )
         lines.append(
-            f"| {label(r['precision'])}{chosen} | {r['steps']} | {'-' if best is None else f'{best:.3f}'} | "
+            f"| {name} | {r['steps']} | {'-' if best is None else f'{best:.3f}'} | "
             f"{times} | {f'{100 * wait:.1f}%' if wait is not None else '-'} | "
             f"{r.get('perf/samples_per_s', float('nan')):.1f} | {f'{peak:.2f}' if peak else '-'} |"
         )

@@ -1,6 +1,6 @@
 """`precision=auto`: the fastest safe precision for this run on this device, measured before training.
 
-For each precision the device runs natively, a few warm steps of the run's own training step (its
+For each precision the device runs natively, warm steps of the run's own training step (its
 network, patch, batch, loss, optimizer and weight average, in a Lightning Trainer built like
 training's, on synthetic batches) are timed, and separately one sliding-window batch of the
 validation/prediction forward. Training takes the fastest step whose loss stayed finite, validation
@@ -35,7 +35,8 @@ from lightning_seg.trainers import fit_steps, step_trainer, synthetic_batches
 
 log = logging.getLogger(__name__)
 
-INFERENCE_REPEATS = 3  # timed sliding-window batches per precision, after one warm-up
+MAX_TIMED_STEPS = 50  # short steps are timed until auto_precision.min_timed_s, at most this many
+LONG_STEP_S = 1.0  # a first step this long has warmed the kernels up: one warm-up step is enough
 
 
 def candidates(device: torch.device) -> list[str]:
@@ -71,21 +72,40 @@ def fastest(seconds: dict[str, float | None], order: list[str], margin: float) -
 
 
 class StepClock(Callback):
-    """Batch start times and losses; stops the fit once a step takes longer than `limit_s`."""
+    """Batch end times and losses. Stops the fit once enough steps after the warm-up are timed: at
+    least `steps` taking `min_timed_s` in all (short steps: more of them, for a steadier median), or
+    any that took three times that (long steps: one is enough, their spread is small); or once a step
+    took longer than `limit_s`. A first step over a second is warm-up enough."""
 
-    def __init__(self, limit_s: float | None) -> None:
-        self.limit_s, self.starts, self.losses = limit_s, [], []
+    def __init__(self, warmup: int, steps: int, min_timed_s: float, limit_s: float | None) -> None:
+        # the first step is always warm-up: its time alone holds the one-off work (allocation, kernel choice)
+        self.warmup, self.steps, self.min_timed_s, self.limit_s = max(1, warmup), steps, min_timed_s, limit_s
+        self.started, self.ends, self.losses = 0.0, [], []
         self.too_slow = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.starts.append(time.perf_counter())
+        if not self.ends:
+            self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+        self.ends.append(time.perf_counter())
         self.losses.append(float(outputs["loss"]))
-        if self.limit_s is not None and time.perf_counter() - self.starts[-1] > self.limit_s:
+        if len(self.ends) == 1 and self.ends[0] - self.started > LONG_STEP_S:
+            self.warmup = 1
+        last = self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else self.started)
+        if self.limit_s is not None and last > self.limit_s:
             self.too_slow = trainer.should_stop = True
+        timed = self.intervals()
+        if (len(timed) >= self.steps and sum(timed) >= self.min_timed_s) or sum(
+            timed
+        ) >= 3 * self.min_timed_s:
+            trainer.should_stop = True
+
+    def intervals(self) -> list[float]:
+        """Seconds of each timed step, batch end to batch end."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)][self.warmup - 1 :]
 
 
 def with_precision(cfg: DictConfig, choice: str) -> DictConfig:
@@ -106,9 +126,9 @@ def time_training(
     set_tf32(uses_tf32(choice))
     seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate(run.module)
-    clock = StepClock(limit_s)
+    clock = StepClock(probe.warmup_steps, probe.steps, probe.min_timed_s, limit_s)
     average = cfg.callbacks.get("weight_average")  # training updates its weight average after every step
-    steps = probe.warmup_steps + probe.steps + 1  # the last start closes the last timed step
+    steps = probe.warmup_steps + max(probe.steps, MAX_TIMED_STEPS)  # the clock stops it sooner
     try:
         with tempfile.TemporaryDirectory(prefix="auto-precision-") as root:
             trainer = step_trainer(run, steps, [clock, *([instantiate(average)] if average else [])], root)
@@ -124,8 +144,8 @@ def time_training(
         return {"error": f"a step took over {limit_s:.3g} s (the fastest so far, twice)"}
     if choice == "16" and grad_scaler(trainer) is None:
         return {"error": "fp16 without a grad scaler"}
-    intervals = [b - a for a, b in zip(clock.starts, clock.starts[1:], strict=False)][probe.warmup_steps :]
-    return {"step_s": statistics.median(intervals), "loss": clock.losses[-1]}
+    intervals = clock.intervals()
+    return {"step_s": statistics.median(intervals), "steps": len(intervals), "loss": clock.losses[-1]}
 
 
 @torch.no_grad()
@@ -136,19 +156,30 @@ def time_inference(cfg: DictConfig, choice: str, device: torch.device) -> dict:
     net = instantiate(cfg.model).to(device).eval()
     shape = (cfg.module.sw_batch_size, cfg.task.in_channels, *cfg.task.patch_size)
     x = torch.randn(shape, device=device)
-    times = []
+    times, finite = [], True
+    # as the training steps, with half their time budget (a forward alone varies less than a step); a
+    # first forward over LONG_STEP_S counts (its one-off share is small, a second one would double the cost)
+    least, budget_s = cfg.auto_precision.steps, cfg.auto_precision.min_timed_s / 2
+
+    def timed() -> list[float]:
+        return times[1:] if times and times[0] < LONG_STEP_S else times
+
+    def enough() -> bool:
+        done = (len(timed()) >= least and sum(timed()) >= budget_s) or sum(timed()) >= 3 * budget_s
+        return done or len(timed()) >= MAX_TIMED_STEPS
+
     try:
         with autocast(choice, device):
-            for _ in range(1 + INFERENCE_REPEATS):
+            while not enough():
                 start = time.perf_counter()
                 out = net(x)
-                finite = bool(torch.isfinite(out).all())  # waits for the GPU too
+                finite &= bool(torch.isfinite(out).all())  # waits for the GPU too
                 times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
     if not finite:
         return {"error": "non-finite output"}
-    return {"batch_s": statistics.median(times[1:])}
+    return {"batch_s": statistics.median(timed()), "batches": len(timed())}
 
 
 @contextmanager

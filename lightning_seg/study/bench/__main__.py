@@ -115,7 +115,7 @@ def run_point(
 
 def probe_against_grid(base: list[str], records: list[dict], device, margin: float) -> list[dict]:
     """precision=auto's probe at every (model, patch, batch) of the grid, beside the grid's own choice:
-    the precision the same rule takes from the grid's step totals."""
+    the precision the same rule takes from the grid's step intervals."""
     rows = []
     for model, patch, batch in dict.fromkeys((r["model"], r["patch"], r["batch"]) for r in records):
         overrides = [*base, f"model={model}", f"data.batch_size={batch}", "precision=32"]
@@ -124,12 +124,12 @@ def probe_against_grid(base: list[str], records: list[dict], device, margin: flo
         cfg = compose(config_name="bench", overrides=overrides)
         probe = attempt("probe", lambda cfg=cfg: auto_precision.probe(cfg, device), device)
         order = auto_precision.candidates(device)
-        totals = {
-            r["precision"]: r["project"]["median_s"]["total"]
+        intervals = {  # what the probe times too: the step with Lightning's work between steps
+            r["precision"]: r["project"]["step_interval_s"]
             for r in records
             if (r["model"], r["patch"], r["batch"]) == (model, patch, batch) and "median_s" in r["project"]
         }
-        grid_choice = auto_precision.fastest(totals, order, margin) if totals else None
+        grid_choice = auto_precision.fastest(intervals, order, margin) if intervals else None
         rows.append(
             {"model": model, "patch": patch, "batch": batch, "probe": probe, "grid_choice": grid_choice}
         )

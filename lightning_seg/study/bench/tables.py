@@ -102,9 +102,10 @@ def probe_table(result: dict) -> list[str]:
     lines = [
         "## precision=auto's probe against this grid",
         "",
-        "The probe: a few warm training steps (batch start to batch start) and one sliding-window batch per "
-        "precision. The grid's choice: the same rule (fastest, a less precise one only "
-        f"{result['precision_auto']['margin']:.0%} faster) over the grid's step totals.",
+        "The probe: warm training steps (batch end to batch end: Lightning's work between steps counts) and "
+        "one sliding-window batch per precision, medians. The grid's choice: the same rule (the fastest; a "
+        f"less precise one only {result['precision_auto']['margin']:.0%} faster) over the grid's step "
+        "intervals (batch start to batch start).",
         "",
         "| model | patch, batch | probe: training step s | probe: inference batch s | probe s "
         "| probe trains in | grid's fastest | agree | probe validates in |",
@@ -120,6 +121,8 @@ def probe_table(result: dict) -> list[str]:
 
         grid, train, infer = row["grid_choice"], probe["train"], probe["inference_precision"]
         agree = ("yes" if grid == train else "no") if grid else "-"
+        unsafe = probe["training"].get(grid, {}).get("error", "") if grid != train else ""
+        agree += f" (probe: {unsafe})" if "non-finite" in unsafe else ""
         grid = label(grid) if grid else "-"
         lines.append(
             f"{head} {_timings(probe['training'], 'step_s')} | {_timings(probe['inference'], 'batch_s')} "
