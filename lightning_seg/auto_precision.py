@@ -21,16 +21,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning import Callback, seed_everything
 
-from lightning_seg import precision
+from lightning_seg import precision  # its CPU checks by module: tests fake a CPU without native bf16
 from lightning_seg.errors import ConfigError
 from lightning_seg.model.module import grad_scaler
-from lightning_seg.precision import (
-    autocast,
-    autocast_dtype,
-    label,
-    set_tf32,
-    uses_tf32,
-)
+from lightning_seg.precision import autocast, autocast_dtype, label, set_tf32, uses_tf32
 from lightning_seg.trainers import fit_steps, step_trainer, synthetic_batches
 
 log = logging.getLogger(__name__)
@@ -185,9 +179,7 @@ def time_inference(cfg: DictConfig, choice: str, device: torch.device) -> dict:
 @contextmanager
 def quiet_trainers():
     """The probe's Trainers without their start-up banners (GPU available, ...): one per precision."""
-    loggers = [
-        logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
-    ]
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
@@ -228,7 +220,7 @@ def probe(cfg: DictConfig, device: torch.device) -> dict:
         "training": training,
         "inference": inference,
         "train": train,
-        "inference_precision": "32" if infer == "tf32" else infer,
+        "inference_precision": infer,
         "probe_s": time.perf_counter() - started,
     }
 
