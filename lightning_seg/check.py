@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lightning_seg.config import CONFIG_DIR
-from lightning_seg.data.msd import read_datalist
+from lightning_seg.data.layout import read_datalist
 from lightning_seg.entry import user_errors
 from lightning_seg.task import check_task
 

@@ -3,6 +3,9 @@
 import os
 from pathlib import Path
 
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
 from lightning_seg.precision import trainer_precision
@@ -17,6 +20,22 @@ def config_dir() -> Path:
 
 
 CONFIG_DIR = config_dir()
+
+
+def user_config_dir() -> Path:
+    """Config groups of the user's own (`task/<name>.yaml`, as lightning-seg-new-task writes them for
+    an installed package): $LIGHTNING_SEG_CONFIG_DIR, else ~/.config/lightning_seg."""
+    return Path(os.environ.get("LIGHTNING_SEG_CONFIG_DIR") or Path.home() / ".config" / "lightning_seg")
+
+
+class UserConfigSearchPath(SearchPathPlugin):
+    """Puts `user_config_dir()` on Hydra's search path, after the package's conf/, for every entry
+    point. A plugin, because `hydra.searchpath` counts only in a primary config, and bench.yaml,
+    plan.yaml and check.yaml include train.yaml."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        if user_config_dir().is_dir():  # Hydra warns about a search path entry that does not exist
+            search_path.append(provider="lightning_seg-user", path=f"file://{user_config_dir()}")
 
 
 def repo_root() -> str:
@@ -58,11 +77,13 @@ def _register() -> None:
         "epochs_within": epochs_within,
         "trainer_precision": trainer_precision,
         "basename": lambda path: Path(path).name,
+        "join_path": lambda folder, name: str(Path(folder) / name),  # an absolute `name` wins
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     register_task_schema()
+    Plugins.instance().register(UserConfigSearchPath)
 
 
 _register()

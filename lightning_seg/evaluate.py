@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_seg.config import CONFIG_DIR
-from lightning_seg.data.msd import read_datalist, read_dataset_json
+from lightning_seg.data.layout import declared_labels, read_datalist, read_dataset_json
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError, MissingFileError
 from lightning_seg.inference import Predictor
@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def labels_near(ref_dir: Path) -> list[str]:
-    """Label names from the dataset.json of the MSD folder holding `ref_dir` (labelsTr/)."""
-    meta = read_dataset_json(ref_dir.parent)
-    return [name for _, name in sorted(meta["labels"].items(), key=lambda item: int(item[0]))]
+    """Label names from the dataset.json of the task folder holding `ref_dir` (labelsTr/)."""
+    declared = declared_labels(read_dataset_json(ref_dir.parent))
+    if declared is None:
+        raise ConfigError(f"{ref_dir.parent / 'dataset.json'}: declares no labels; give labels=[...]")
+    return declared[0]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
@@ -38,7 +40,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     output.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path:
         if not cfg.task_dir:
-            raise ConfigError("ckpt_path needs task_dir=TASK_DIR (the MSD folder to predict and score)")
+            raise ConfigError("ckpt_path needs task_dir=TASK_DIR (the task folder to predict and score)")
         # several checkpoints: an ensemble; the split comes from the first one's run (the folds of a
         # cross-validation share their test cases)
         checkpoints = list(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else [cfg.ckpt_path]
@@ -49,7 +51,7 @@ def evaluate(cfg: DictConfig) -> float | None:
             read_datalist(cfg.task_dir), cfg.split, cfg.task_dir
         )
         start = time.perf_counter()
-        predictions = predict_files(predictor, [Path(c["image"]) for c in cases], output / "predictions")
+        predictions = predict_files(predictor, [c["image"] for c in cases], output / "predictions")
         seconds = time.perf_counter() - start
         log.info(
             "predicted %d cases in %.1f s (%.2f cases/s, mirror=%s)",

@@ -96,10 +96,12 @@ class Predictor:
         return list(self.task["labels"])
 
     @torch.no_grad()
-    def predict(self, image_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """(label map, class probabilities) on the input image's grid."""
+    def predict(self, image_path: str | Path | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label map, class probabilities) on the grid of the input image (a file, or one per channel)."""
+        if isinstance(image_path, Path):
+            image_path = str(image_path)
         try:
-            data = self.preprocess({"image": str(image_path)})
+            data = self.preprocess({"image": image_path})
         except Exception as err:  # MONAI wraps reader errors in its own types
             raise InputError(f"{image_path}: cannot be read as an image ({err})") from err
         image = data["image"]

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lightning_seg.data.layout import case_name
 from lightning_seg.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -109,17 +110,17 @@ class RunDir:
 
     def cases_of_split(self, cases: list[dict[str, str]], split: str, source: str) -> list[dict[str, str]]:
         """The cases of `source` (a task folder's listing) in one part (train, val, test) of this run's
-        split, matched by image file name; `all`: every case."""
+        split, matched by label file name; `all`: every case."""
         if split == "all":
             return cases
         if not self.split_json.is_file():
             raise MissingFileError(f"{self.split_json}: missing, so split={split} is unknown; use split=all")
-        names = {Path(c["image"]).name for c in self.read_split().get(split, [])}
+        names = {case_name(c) for c in self.read_split().get(split, [])}
         if not names:
             raise ConfigError(
                 f"{self.split_json}: no '{split}' cases (train with data.test_fraction > 0 for a test split)"
             )
-        chosen = [c for c in cases if Path(c["image"]).name in names]
+        chosen = [c for c in cases if case_name(c) in names]
         if len(chosen) != len(names):
             raise MissingFileError(
                 f"{source}: holds {len(chosen)} of the {len(names)} '{split}' cases of {self.split_json}"

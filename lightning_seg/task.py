@@ -16,9 +16,14 @@ from lightning_seg.errors import ConfigError
 
 @dataclass
 class NormalizationConfig:
-    kind: str = MISSING  # zscore_nonzero (MRI, per case and channel) | ct_window (HU window) | percentile
-    a_min: float | None = None  # ct_window: the HU window, scaled to [0, 1]
+    # zscore_nonzero (MRI: per case and channel, on the non-zero voxels) | zscore (the same, every voxel)
+    # | ct_window (an HU window scaled to [0, 1]) | ct_zscore (nnU-Net's CT: clip, then the dataset's
+    # foreground mean and std) | percentile
+    kind: str = MISSING
+    a_min: float | None = None  # ct_window, ct_zscore: the HU window (ct_window scales it to [0, 1])
     a_max: float | None = None
+    mean: float | None = None  # ct_zscore: foreground mean and std over the training cases (HU)
+    std: float | None = None
     lower: float | None = None  # percentile: the percentiles scaled to [0, 1]
     upper: float | None = None
 
@@ -36,7 +41,9 @@ class SyntheticConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    msd_folder: str = MISSING  # the folder under paths.data_dir: dataset.json, imagesTr/, labelsTr/
+    # the task folder (MSD or nnU-Net v2 raw: dataset.json, imagesTr/, labelsTr/) under paths.data_dir,
+    # or an absolute path (lightning-seg-new-task writes one)
+    msd_folder: str = MISSING
     download: bool = (
         False  # true fetches the official MSD archive (MONAI's URL and MD5) when the folder is missing
     )

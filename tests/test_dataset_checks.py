@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from lightning_seg.data.msd import DatasetError, check_dataset
+from lightning_seg.data.checks import DatasetError, check_dataset
 from lightning_seg.data.synthetic import write_synthetic_msd
 
 from .conftest import compose_config, tiny_synthetic_overrides

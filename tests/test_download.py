@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import instantiate
 
 from lightning_seg.data.download import msd_source
-from lightning_seg.data.msd import DatasetError
+from lightning_seg.data.layout import DatasetError
 
 from .conftest import compose_config
 

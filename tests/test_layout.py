@@ -1,4 +1,5 @@
-"""The two floors: the core never imports the study, and nothing the project ships points outside it."""
+"""The floors: the core never imports the study or the task planner above it, the study never imports
+the planner, and nothing the project ships points outside the repository."""
 
 import ast
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_seg"
 STUDY = PACKAGE / "study"
+PLANNER = PACKAGE / "new_task"  # lightning-seg-new-task: sizes patches with the study's memory planner
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -26,16 +28,19 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_no_import_arrow_runs_from_the_core_to_the_study():
-    core = [p for p in PACKAGE.rglob("*.py") if STUDY not in p.parents]
-    assert len(core) > 20
+def upward_arrows(files: list[Path], floors_above: tuple[str, ...]) -> dict[str, list[str]]:
     arrows = {
-        str(p.relative_to(ROOT)): sorted(
-            m for m in imported_modules(p) if m.startswith("lightning_seg.study")
-        )
-        for p in core
+        str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.startswith(floors_above))
+        for p in files
     }
-    assert {k: v for k, v in arrows.items() if v} == {}
+    return {k: v for k, v in arrows.items() if v}
+
+
+def test_no_import_arrow_runs_down_to_up():
+    core = [p for p in PACKAGE.rglob("*.py") if STUDY not in p.parents and PLANNER not in p.parents]
+    assert len(core) > 20
+    assert upward_arrows(core, ("lightning_seg.study", "lightning_seg.new_task")) == {}
+    assert upward_arrows(list(STUDY.rglob("*.py")), ("lightning_seg.new_task",)) == {}
 
 
 def test_the_acceptance_run_is_not_part_of_the_package():

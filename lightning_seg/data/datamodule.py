@@ -1,4 +1,4 @@
-"""LightningDataModule for one MSD task folder: checked, cached, patch-sampled."""
+"""LightningDataModule for one task folder (MSD or nnU-Net v2 raw): checked, cached, patch-sampled."""
 
 import hashlib
 import json
@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DistributedSampler
 
+from lightning_seg.data.checks import check_dataset
 from lightning_seg.data.download import download_msd_task, msd_source
-from lightning_seg.data.msd import DatasetError, check_dataset, read_datalist
+from lightning_seg.data.layout import DatasetError, case_name, read_datalist
 from lightning_seg.data.synthetic import write_synthetic_msd
 from lightning_seg.data.transforms import train_transforms, val_transforms
 from lightning_seg.errors import ConfigError
@@ -41,7 +42,7 @@ class MSDDataModule(LightningDataModule):
     """Train/validation split of an MSD task folder.
 
     `batch_size` counts patches per step: each volume yields `samples_per_volume` random patches.
-    `split` (as `split.json` and checkpoints hold it, cases matched by image file name) replaces the
+    `split` (as `split.json` and checkpoints hold it, cases matched by label file name) replaces the
     seeded split, so a resumed run trains on the cases it started with. `cache="gpu"` keeps the
     training volumes on this process's GPU and crops there (MONAI's fast-training recipe).
 
@@ -291,15 +292,17 @@ class MSDDataModule(LightningDataModule):
 def split_cases(
     cases: list, val_fraction: float, test_fraction: float, seed: int, num_folds: int = 0, fold: int = 0
 ) -> tuple[list, list, list]:
-    """Seeded shuffle into (train, val, test): `test_fraction` of the cases are held out of
-    everything, `val_fraction` (at least one) validate. A single-case folder validates on
-    its training case.
+    """Seeded shuffle of the cases (sorted by name) into (train, val, test): `test_fraction` of the
+    cases are held out of everything, `val_fraction` (at least one) validate. A single-case folder
+    validates on its training case.
 
     `num_folds` > 0: after the same test cases are held out, the rest is cut into that many seeded
     folds (sizes differ by one at most); fold `fold` validates and the others train."""
     if len(cases) == 1:
         log.warning("only one case: validating on the training case")
         return cases, cases, []
+    # cases by name first: the same cases split the same way whatever their listing's order or layout
+    cases = sorted(cases, key=case_name)
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     n_test = round(test_fraction * len(cases))
     if num_folds:
@@ -328,10 +331,10 @@ def _fold(cases: list, num_folds: int, fold: int) -> tuple[list, list]:
 
 def given_split(cases: list, split: Mapping, task_dir: Path) -> tuple[list, list, list]:
     """(train, val, test) of `cases` (this folder's dataset.json) named by a saved split."""
-    by_name = {Path(c["image"]).name: c for c in cases}
+    by_name = {case_name(c): c for c in cases}
     parts, missing = [], []
     for part in ("train", "val", "test"):
-        names = [Path(c["image"]).name for c in split.get(part, [])]
+        names = [case_name(c) for c in split.get(part, [])]
         missing += [n for n in names if n not in by_name]
         parts.append([by_name[n] for n in names if n in by_name])
     if missing:

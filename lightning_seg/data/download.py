@@ -8,7 +8,7 @@ from urllib.request import url2pathname
 from monai.apps.datasets import DecathlonDataset
 from monai.apps.utils import check_hash, download_and_extract, extractall
 
-from lightning_seg.data.msd import DatasetError
+from lightning_seg.data.layout import DatasetError
 
 
 def msd_source(msd_folder: str, url: str | None = None, md5: str | None = None) -> tuple[str, str | None]:

@@ -1,4 +1,4 @@
-"""A small MSD-layout phantom dataset, written as real NIfTI files.
+"""Small phantom datasets, written as real NIfTI files in MSD or nnU-Net v2 raw layout.
 
 Each case is a body ellipsoid holding one ellipsoid per foreground label ("organs" of
 distinct intensity), multiplied by a smooth bias field, plus Gaussian noise. Everything
@@ -50,6 +50,40 @@ def write_synthetic_msd(
     }
     (task_dir / "dataset.json").write_text(json.dumps(meta, indent=2))
     return task_dir
+
+
+def write_synthetic_nnunet(
+    folder: str | Path,
+    geometry: list[tuple[tuple[int, int, int], tuple[float, float, float]]],
+    channels: dict[str, str],
+    labels: dict,
+    num_labels: int = 3,
+    ct: bool = False,
+    dtype: str = "float32",
+) -> Path:
+    """An nnU-Net v2 raw folder (`imagesTr/<case>_<channel>.nii.gz`, `labelsTr/`, `dataset.json`) with
+    one phantom per (shape, spacing) of `geometry`; channel c is the phantom times c + 1. `ct`: HU images,
+    the foreground of case i all 40 + 10 i HU, the body 0 and air -1000 around it (known statistics)."""
+    folder = Path(folder)
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for i, (shape, spacing) in enumerate(geometry):
+        image, label = synthetic_case(shape, num_labels, np.random.default_rng(i))
+        affine = np.diag([*spacing, 1.0])
+        if ct:
+            image = np.where(label > 0, 40 + 10 * i, np.where(image > 0.5, 0, -1000))
+        for c in range(len(channels)):
+            data = (image if ct else image * (1 + c) * (100 if dtype.startswith("int") else 1)).astype(dtype)
+            nib.save(nib.Nifti1Image(data, affine), folder / "imagesTr" / f"case{i:02d}_{c:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / f"case{i:02d}.nii.gz")
+    meta = {
+        "channel_names": channels,
+        "labels": labels,
+        "numTraining": len(geometry),
+        "file_ending": ".nii.gz",
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder
 
 
 def synthetic_case(shape, num_labels: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -9,14 +9,26 @@ KEYS = ("image", "label")
 CROP_CENTRES = "label_cls_indices"  # ClassesToIndicesd's output key for "label"
 
 
-def normalization(cfg: Mapping) -> T.MapTransform:
+NORMALIZATIONS = ("zscore_nonzero", "zscore", "ct_window", "ct_zscore", "percentile")
+
+
+def normalization(cfg: Mapping) -> T.MapTransform | T.Compose:
     """Intensity normalization of the image from `task.normalization`."""
     kind = cfg["kind"]
-    if kind == "zscore_nonzero":  # MRI: per case and channel, on the non-zero (head/body) voxels
-        return T.NormalizeIntensityd("image", nonzero=True, channel_wise=True)
+    if kind in ("zscore_nonzero", "zscore"):  # MRI: per case and channel (nonzero: the head/body voxels)
+        return T.NormalizeIntensityd("image", nonzero=kind == "zscore_nonzero", channel_wise=True)
     if kind == "ct_window":  # CT: Hounsfield units are absolute, so one window fits every case
         return T.ScaleIntensityRanged(
             "image", a_min=cfg["a_min"], a_max=cfg["a_max"], b_min=0.0, b_max=1.0, clip=True
+        )
+    if kind == "ct_zscore":  # nnU-Net's CTNormalization: clip to the window, z-score by dataset statistics
+        low, high = cfg["a_min"], cfg["a_max"]
+        return T.Compose(
+            [
+                # an identity map with clip=True: MONAI's one clip to fixed values
+                T.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=low, b_max=high, clip=True),
+                T.NormalizeIntensityd("image", subtrahend=cfg["mean"], divisor=cfg["std"]),
+            ]
         )
     if kind == "percentile":
         return T.ScaleIntensityRangePercentilesd(
@@ -28,7 +40,7 @@ def normalization(cfg: Mapping) -> T.MapTransform:
             clip=True,
             channel_wise=True,
         )
-    raise ValueError(f"unknown task.normalization.kind '{kind}' (zscore_nonzero, ct_window, percentile)")
+    raise ValueError(f"unknown task.normalization.kind '{kind}' ({', '.join(NORMALIZATIONS)})")
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ thick axis until the others have caught up with its spacing.
 """
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,17 +28,19 @@ class Topology(NamedTuple):
 
 
 def plan_topology(
-    patch_size: Sequence[int],
+    patch_size: Sequence[float],
     max_downsamplings: int,
     spacing: Sequence[float] | None = None,
     min_size: int = 4,
+    padded: bool = False,
 ) -> Topology:
     """nnU-Net's rule: an axis is down-sampled while its feature map stays at least `min_size` voxels
     and its (current) spacing is within 2x of the finest valid axis'; a lone axis needs 3 * min_size.
     A convolution kernel is 1 along an axis whose spacing is still 2x the finest or more, 3 once it
     is not. One difference: nnU-Net pads the patch to a multiple of 2^pools; here an odd size stops
-    that axis, so the configured patch is what the network sees. `spacing=None`: isotropic."""
-    size = [int(n) for n in patch_size]
+    that axis, so the configured patch is what the network sees (`padded=True`: nnU-Net's way, for
+    planning a patch that `padded_patch` then pads). `spacing=None`: isotropic."""
+    size = [float(n) if padded else int(n) for n in patch_size]
     current = [1.0] * len(size) if spacing is None else [float(s) for s in spacing]
     if len(current) != len(size):
         raise ConfigError(f"model spacing {list(current)} and patch {size} have different dimensions")
@@ -45,7 +48,7 @@ def plan_topology(
     kernels: list[tuple[int, ...]] = []
     kernel = [1] * len(size)
     while len(strides) < max_downsamplings:
-        room = [d for d, n in enumerate(size) if n % 2 == 0 and n // 2 >= min_size]
+        room = [d for d, n in enumerate(size) if (padded or n % 2 == 0) and n / 2 >= min_size]
         if not room:
             break
         finest = min(current[d] for d in room)
@@ -56,10 +59,18 @@ def plan_topology(
         kernels.append(tuple(kernel))
         strides.append(tuple(2 if d in axes else 1 for d in range(len(size))))
         for d in axes:
-            size[d] //= 2
+            size[d] = size[d] / 2 if padded else size[d] // 2
             current[d] *= 2
     kernels.append((3,) * len(size))
     return Topology(strides, kernels)
+
+
+def padded_patch(size: Sequence[float], max_downsamplings: int, spacing: Sequence[float]) -> list[int]:
+    """The smallest patch holding `size` voxels that every planned down-sampling halves exactly
+    (nnU-Net pads its patch to a multiple of 2^pools per axis the same way)."""
+    strides = plan_topology(size, max_downsamplings, spacing, padded=True).strides
+    divisors = [math.prod(s[d] for s in strides) for d in range(len(size))]
+    return [math.ceil(n / d) * d for n, d in zip(size, divisors, strict=True)]
 
 
 def basic_unet(in_channels: int, out_channels: int, patch_size: Sequence[int], width: int = 32) -> nn.Module:

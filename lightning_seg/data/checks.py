@@ -1,4 +1,5 @@
-"""MSD task folders: dataset.json -> a checked list of (image, label) files.
+"""Dataset checks: every case of a task folder (either layout, lightning_seg.data.layout) readable
+and consistent with the task config.
 
 Every problem is found before training starts and reported with the file it concerns.
 Full checks load each case once; their results are remembered (keyed by path, size and
@@ -8,6 +9,7 @@ modification time) so later runs only re-check files that changed.
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,47 +17,20 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
-from lightning_seg.errors import UserError
+from lightning_seg.data.layout import (
+    DatasetError,
+    declared_channels,
+    declared_labels,
+    image_files,
+    read_datalist,
+    read_dataset_json,
+)
 from lightning_seg.run_dir import write_atomic
 
 # mm: headers written by different tools differ by rounding; a real mismatch is far larger
 AFFINE_RTOL, AFFINE_ATOL = 1e-3, 1e-2
 # voxel-to-world matrices this ill-conditioned map several voxels to one point (real anisotropy is < 100)
 MAX_AFFINE_CONDITION = 1e6
-
-
-class DatasetError(UserError, ValueError):
-    """A task folder that cannot be trained on; the message names the file and the problem.
-    A ValueError too, so callers that caught ValueError before still do."""
-
-
-def read_datalist(task_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """The `training` entries of `task_dir/dataset.json` as absolute image/label paths."""
-    task_dir = Path(task_dir)
-    meta = read_dataset_json(task_dir)
-    entries = meta.get("training")
-    where = task_dir / "dataset.json"
-    if not isinstance(entries, list) or not entries:
-        raise DatasetError(f"{where}: no 'training' list of cases")
-    cases = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not {"image", "label"} <= entry.keys():
-            raise DatasetError(f"{where}: training entry {i} needs 'image' and 'label' keys, got {entry!r}")
-        cases.append({key: str((task_dir / entry[key]).resolve()) for key in ("image", "label")})
-    return cases
-
-
-def read_dataset_json(task_dir: Path) -> dict:
-    path = task_dir / "dataset.json"
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing (an MSD task folder holds dataset.json, imagesTr/, labelsTr/)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: expected a JSON object at the top level")
-    return meta
 
 
 def check_dataset(
@@ -69,30 +44,30 @@ def check_dataset(
     task_dir = Path(task_dir)
     meta = read_dataset_json(task_dir)
     where = task_dir / "dataset.json"
-    declared_labels = meta.get("labels")
-    if isinstance(declared_labels, dict) and len(declared_labels) != len(labels):
+    declared = declared_labels(meta, where)
+    if declared is not None and len(declared[0]) != len(labels):
         raise DatasetError(
-            f"{where}: declares {len(declared_labels)} labels {sorted(declared_labels.values())}, "
+            f"{where}: declares {len(declared[0])} labels {declared[0]}, "
             f"the task config expects {len(labels)} {list(labels)}"
         )
-    modalities = meta.get("modality")
-    if isinstance(modalities, dict) and len(modalities) != in_channels:
+    channels = declared_channels(meta)
+    if channels is not None and len(channels) != in_channels:
         raise DatasetError(
-            f"{where}: declares {len(modalities)} input channels {list(modalities.values())}, "
+            f"{where}: declares {len(channels)} input channels {channels}, "
             f"the task config expects in_channels={in_channels}"
         )
     cases = read_datalist(task_dir)
-    missing = [p for case in cases for p in case.values() if not Path(p).is_file()]
-    complete = [case for case in cases if all(Path(p).is_file() for p in case.values())]
+    missing = [p for case in cases for p in case_files(case) if not Path(p).is_file()]
+    complete = [case for case in cases if all(Path(p).is_file() for p in case_files(case))]
 
     memo_path = _memo_path(cache_dir, task_dir, len(labels), in_channels)
     memo = _read_memo(memo_path)
-    todo = [case for case in complete if memo.get(case["image"]) != _stamp(case)]
+    todo = [case for case in complete if memo.get(case["label"]) != _stamp(case)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(pool.map(lambda c: check_case(c, len(labels), in_channels), todo))
     passed = [case for case, problem in zip(todo, results, strict=True) if problem is None]
     if memo_path is not None and passed:  # remembered even when other cases fail: a rerun reads only those
-        memo.update({case["image"]: _stamp(case) for case in passed})
+        memo.update({case["label"]: _stamp(case) for case in passed})
         write_atomic(memo_path, json.dumps(memo))  # a crash never leaves a half-written memo
     problems = [problem for problem in results if problem]
     if missing or problems:  # every problem at once: one fix-and-rerun round, not one per file
@@ -103,25 +78,38 @@ def check_dataset(
     return cases
 
 
-def check_case(case: dict[str, str], num_labels: int, in_channels: int) -> str | None:
-    """Load one image/label pair; return what is wrong with it (naming the file), or None."""
-    image_path, label_path = case["image"], case["label"]
-    try:
-        image = nib.load(image_path)
-        image_data = np.asanyarray(image.dataobj)
-    except Exception as err:  # nibabel raises many types for truncated or foreign files
-        return _unreadable(image_path, err)
-    try:
-        label = nib.load(label_path)
-        label_data = np.asanyarray(label.dataobj)
-    except Exception as err:
-        return _unreadable(label_path, err)
+def case_files(case: Mapping) -> list[str]:
+    return [*image_files(case["image"]), case["label"]]
 
+
+def check_case(case: Mapping, num_labels: int, in_channels: int) -> str | None:
+    """Load one case; return what is wrong with it (naming the file), or None."""
+    loaded = []
+    for path in case_files(case):
+        try:
+            img = nib.load(path)
+            loaded.append((path, img, np.asanyarray(img.dataobj)))
+        except Exception as err:  # nibabel raises many types for truncated or foreign files
+            return _unreadable(path, err)
+    *channels, (label_path, label, label_data) = loaded
     if label_data.ndim == 4 and label_data.shape[3] == 1:  # a trailing singleton axis, as some tools write
         label_data = label_data[..., 0]
-    channels = 1 if image_data.ndim == 3 else image_data.shape[3] if image_data.ndim == 4 else None
-    if channels != in_channels:
-        return f"{image_path}: shape {image_data.shape}, expected 3D with {in_channels} channel(s) in dim 4"
+    if len(channels) == 1:  # MSD: one file, 3D or channels in dim 4
+        image_path, image, image_data = channels[0]
+        count = 1 if image_data.ndim == 3 else image_data.shape[3] if image_data.ndim == 4 else None
+        if count != in_channels:
+            shape = image_data.shape
+            return f"{image_path}: shape {shape}, expected 3D with {in_channels} channel(s) in dim 4"
+    else:  # nnU-Net: one 3D file per channel, on one grid
+        if len(channels) != in_channels:
+            return f"{channels[0][0]}: {len(channels)} channel files, the task config expects {in_channels}"
+        image_path, image, image_data = channels[0]
+        for path, img, data in channels:
+            if data.ndim != 3:
+                return f"{path}: shape {data.shape}, a channel file must be 3D"
+            same_grid = np.allclose(img.affine, image.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
+            if data.shape != image_data.shape or not same_grid:
+                return f"{path}: shape or affine differs from channel 0's ({image_path})"
     if label_data.ndim != 3:
         return f"{label_path}: shape {label_data.shape}, a label map must be 3D"
     if image_data.shape[:3] != label_data.shape:
@@ -133,8 +121,9 @@ def check_case(case: dict[str, str], num_labels: int, in_channels: int) -> str |
     if not np.allclose(image.affine, label.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
         diff = float(np.abs(image.affine - label.affine).max())
         return f"{label_path}: affine differs from its image's (max difference {diff:.4g})"
-    if image_data.dtype.kind == "f" and not np.isfinite(image_data).all():
-        return f"{image_path}: contains NaN or infinite values"
+    for path, _, data in channels:
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            return f"{path}: contains NaN or infinite values"
     values = np.unique(label_data)
     fractional = values[values != np.round(values)]  # NaN included
     if fractional.size:
@@ -185,8 +174,8 @@ def _listing(head: str, lines: list[str], limit: int = 20) -> str:
     return "\n".join([head + ":"] + [f"  {line}" for line in lines[:limit]] + more)
 
 
-def _stamp(case: dict[str, str]) -> list[int]:
-    return [n for p in (case["image"], case["label"]) for n in (os.stat(p).st_size, os.stat(p).st_mtime_ns)]
+def _stamp(case: Mapping) -> list[int]:
+    return [n for p in case_files(case) for n in (os.stat(p).st_size, os.stat(p).st_mtime_ns)]
 
 
 def _memo_path(cache_dir, task_dir: Path, num_labels: int, in_channels: int) -> Path | None:

@@ -1,0 +1,144 @@
+"""`lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=D]`
+(also `python -m lightning_seg.new_task`).
+
+Reads a labelled folder (MSD or nnU-Net v2 raw layout), checks and fingerprints every case, plans a
+task config and writes it as `task/NAME.yaml` with the fingerprint beside it: into the checkout's
+conf/ when run from one, else into the user config dir on Hydra's search path
+(`$LIGHTNING_SEG_CONFIG_DIR`, default ~/.config/lightning_seg). Then `python train.py task=NAME`
+trains it. Defaults: a 24 GB card in fp16 AMP; `gpu=cpu` plans for a machine without a GPU.
+"""
+
+import datetime
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lightning_seg.config import CONFIG_DIR, user_config_dir
+from lightning_seg.data.checks import check_dataset
+from lightning_seg.data.layout import (
+    DatasetError,
+    declared_channels,
+    declared_labels,
+    image_files,
+    read_datalist,
+    read_dataset_json,
+)
+from lightning_seg.entry import user_errors
+from lightning_seg.errors import ConfigError
+from lightning_seg.new_task.fingerprint import channels_of, fingerprint
+from lightning_seg.new_task.plan import Target, TaskPlan, plan_task
+from lightning_seg.precision import PRECISIONS
+from lightning_seg.run_dir import write_atomic, write_json
+from lightning_seg.study.memory.fit import GPUS
+
+USAGE = "lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=DIR]"
+OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "workers")
+DEFAULT_GIB, DEFAULT_PRECISION = 24.0, "16"
+MARKER = "# planned by lightning-seg-new-task"  # a file without it is hand-written: never overwritten
+
+
+def parse(argv: list[str]) -> tuple[Path, dict]:
+    folders = [a for a in argv if "=" not in a]
+    options = dict(a.split("=", 1) for a in argv if "=" in a)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if len(folders) != 1 or unknown or "name" not in options:
+        problem = f"unknown option(s) {', '.join(unknown)}" if unknown else "give one DIR and name=NAME"
+        raise ConfigError(f"{problem}; usage: {USAGE}")
+    return Path(folders[0]).expanduser().resolve(), options
+
+
+def target_of(options: dict) -> Target:
+    gpu, gib, precision = options.get("gpu"), options.get("gpu_memory_gib"), options.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision}: choose one of {', '.join(PRECISIONS)}")
+    if gpu == "cpu":
+        return Target("cpu", None, precision)
+    if gpu is not None and gib is not None:
+        raise ConfigError("give gpu=CARD or gpu_memory_gib=G, not both")
+    if gpu is not None and gpu not in GPUS:
+        raise ConfigError(f"gpu={gpu}: choose cpu or one of {', '.join(GPUS)}, or give gpu_memory_gib=G")
+    capacity = float(GPUS[gpu]) if gpu else float(gib) if gib else DEFAULT_GIB
+    return Target(gpu or f"a {capacity:g} GB card", capacity, precision or DEFAULT_PRECISION)
+
+
+def task_dir_for(options: dict) -> Path:
+    """conf/task of a checkout; an installed package's conf/ is not the user's to write."""
+    if "config_dir" in options:
+        return Path(options["config_dir"]).expanduser() / "task"
+    installed = CONFIG_DIR.parent.name == "lightning_seg"
+    return (user_config_dir() if installed else CONFIG_DIR) / "task"
+
+
+def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
+    name = options["name"]
+    out = task_dir_for(options)
+    target_file = out / f"{name}.yaml"
+    shipped = CONFIG_DIR / "task" / f"{name}.yaml"  # it would hide a user config of that name
+    for taken in {shipped, target_file}:
+        if taken.is_file() and MARKER not in taken.read_text():
+            raise ConfigError(f"name={name}: the hand-written {taken} has that name; pick another name")
+    meta = read_dataset_json(folder)
+    declared = declared_labels(meta, folder / "dataset.json")
+    if declared is None:
+        raise DatasetError(
+            f"{folder / 'dataset.json'}: declares no labels (MSD's 'labels', or nnU-Net's name -> value)"
+        )
+    labels, regions = declared
+    cases = read_datalist(folder)
+    channels = declared_channels(meta)
+    if channels is None:  # MSD without 'modality': the first case says how many
+        count = len(channels_of(image_files(cases[0]["image"]))[0])
+        channels = [f"channel_{c}" for c in range(count)]
+    workers = int(options.get("workers", 2))
+    check_dataset(folder, labels, len(channels), workers=workers)  # every broken case, before the fingerprint
+    print(f"fingerprinting {len(cases)} cases of {folder} ...", flush=True)
+    prints = fingerprint(cases, workers)
+    plan = plan_task(name, str(folder), prints, labels, regions, channels, target_of(options))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.fingerprint.json", prints)
+    write_atomic(target_file, task_yaml(plan, len(cases)))
+    return plan, target_file
+
+
+def task_yaml(plan: TaskPlan, num_cases: int) -> str:
+    why = {d.key: d.why for d in plan.decisions}
+    target = plan.target
+    made_for = "a CPU" if target.cpu else f"{target.name} in precision {target.precision}"
+    lines = [
+        "# @package _global_",
+        f"{MARKER} from {plan.folder} ({num_cases} cases) for {made_for},",
+        f"# {datetime.date.today()}. Each value says what chose it; edit any key, or override it on the",
+        f"# command line. Planning again overwrites this file. Fingerprint: {plan.name}.fingerprint.json.",
+        "defaults:",
+        "  - _schema@task  # every key, its type and default: lightning_seg/task.py",
+        f"  - override /model: {plan.model}  # {why['model']}",
+        "  - _self_",
+        "",
+    ]
+    if target.precision is not None:
+        lines.append(f"precision: {target.precision}  # the precision the batch and patch were sized for")
+    lines += ["data:", f"  batch_size: {plan.batch_size}  # {why['data.batch_size']}", "", "task:"]
+    for key, value in plan.task.items():
+        if value is None:
+            continue
+        comment = why.get(f"task.{key}")
+        lines.append(f"  {key}: {json.dumps(value)}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with user_errors():
+        folder, options = parse(sys.argv[1:] if argv is None else argv)
+        plan, written = new_task(folder, options)
+    for d in plan.decisions:
+        print(f"  {d.key}: {json.dumps(d.value)}  <- {d.why}")
+    print(f"wrote {written} and {written.with_suffix('.fingerprint.json').name} beside it")
+    root = written.parent.parent
+    hint = "" if root in (CONFIG_DIR, user_config_dir()) else f"LIGHTNING_SEG_CONFIG_DIR={root} "
+    print(f"train it: {hint}python train.py task={plan.name}")
+
+
+if __name__ == "__main__":
+    main()
