@@ -28,7 +28,10 @@ def list_images(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    images = sorted(p for p in path.glob("*") if p.name.endswith(NIFTI_ENDINGS))
+    # not macOS' hidden ._ companions, as the MSD archives hold them
+    images = sorted(
+        p for p in path.glob("*") if p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")
+    )
     if not images:
         raise MissingFileError(f"{path}: no .nii or .nii.gz images here")
     return images

@@ -67,6 +67,7 @@ def test_both_layouts_read_the_same_cases(tmp_path):
     raw = tmp_path / "Dataset001_Synthetic"
     script = ROOT / "docs" / "results" / "own_data" / "msd_to_nnunet.py"
     subprocess.run([sys.executable, str(script), str(msd), str(raw)], check=True, capture_output=True)
+    (raw / "imagesTr" / "._synthetic_000_0000.nii.gz").write_bytes(b"\0" * 4096)  # macOS' companion file
     task = {"orientation": "RAS", "spacing": [1.5, 1.5, 2.0], "normalization": {"kind": "zscore_nonzero"}}
     for a, b in zip(read_datalist(msd), read_datalist(raw), strict=True):
         assert Path(a["label"]).name == Path(b["label"]).name
@@ -100,6 +101,8 @@ def test_fingerprint_of_known_spacings_and_intensities_gives_the_known_plan(tmp_
     # median size at 3 mm: 64 x 64 x 18 (12 slices x 3-6 mm / 3); z halves twice, x and y four times
     assert task["task"]["patch_size"] == [64, 64, 20]
     assert task["data"]["batch_size"] == 8  # 716800 voxels // (64 * 64 * 20), the CPU's most
+    # the phantom's organ a lies on the +x side of the body, organ b on the -x side: x is not mirrored
+    assert task["data"]["flip_axes"] == [1, 2] and "labels 1, 2 keep their order along LR" in result.stdout
     assert "override /model: monai_unet" in (tmp_path / "conf" / "task" / "ct_known.yaml").read_text()
     assert "axis 2 is thick" in result.stdout and "task.spacing: [0.8, 0.8, 3.0]" in result.stdout
     assert (tmp_path / "conf" / "task" / "ct_known.fingerprint.json").is_file()
@@ -262,3 +265,4 @@ def test_hippocampus_in_both_layouts_plans_the_same(tmp_path):
         8,
     )
     assert task["normalization"] == {"kind": "zscore"} and task["val_every_n_epochs"] == 2
+    assert plans[0]["data"]["flip_axes"] == [0]  # anterior before posterior along PA (and IS) in every case

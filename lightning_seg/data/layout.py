@@ -16,6 +16,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from lightning_seg.errors import UserError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -112,6 +115,8 @@ def channel_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
     """nnU-Net's `<case>_<channel><ending>` files of a folder: {case: {channel: path}}."""
     found: dict[str, dict[int, Path]] = {}
     for path in sorted(folder.glob(f"*{ending}")) if folder.is_dir() else []:
+        if path.name.startswith("."):  # macOS' ._ companions, as the MSD archives hold them
+            continue
         match = CHANNEL_FILE.match(path.name[: -len(ending)])
         if match:
             found.setdefault(match["case"], {})[int(match["channel"])] = path.resolve()
@@ -169,3 +174,8 @@ def prediction_name(image: str | os.PathLike | list[str]) -> str:
     ending = next((e for e in NIFTI_ENDINGS if first.endswith(e)), "")
     match = CHANNEL_FILE.match(first[: len(first) - len(ending)])
     return (match["case"] + ending) if match else first
+
+
+def ras_axes(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """For each RAS axis, the voxel axis that runs along it (training reorients to RAS)."""
+    return np.argsort(nib.orientations.io_orientation(img.affine)[:, 0])

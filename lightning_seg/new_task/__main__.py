@@ -118,7 +118,8 @@ def task_yaml(plan: TaskPlan, num_cases: int) -> str:
     ]
     if target.precision is not None:
         lines.append(f"precision: {target.precision}  # the precision the batch and patch were sized for")
-    lines += ["data:", f"  batch_size: {plan.batch_size}  # {why['data.batch_size']}", "", "task:"]
+    lines += ["data:", f"  batch_size: {plan.batch_size}  # {why['data.batch_size']}"]
+    lines += [f"  flip_axes: {plan.flip_axes}  # {why['data.flip_axes']}", "", "task:"]
     for key, value in plan.task.items():
         if value is None:
             continue

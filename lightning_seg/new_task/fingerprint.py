@@ -2,7 +2,7 @@
 
 Per case: shape and voxel spacing in the orientation training resamples in (RAS), the file's own
 orientation, the non-zero box and the share of zero voxels, each channel's foreground intensities
-(label > 0) and the voxel count and volume of each label. Over the dataset: each channel's
+(label > 0), the voxel count, volume and centre of each label. Over the dataset: each channel's
 foreground intensity percentiles 0.5 / 99.5, mean and std, pooled as nnU-Net v2's fingerprint
 pools them (an equal number of samples drawn from every case, with replacement, seed 1234).
 """
@@ -13,16 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import nibabel as nib
 import numpy as np
 
-from lightning_seg.data.layout import image_files
+from lightning_seg.data.layout import image_files, ras_axes
 
 # intensity samples per channel over the whole dataset, shared equally by the cases (nnU-Net: 1e8)
 SAMPLES_PER_DATASET = 10**7
 SAMPLE_SEED = 1234  # nnU-Net's, so the pooled statistics are drawn the same way
-
-
-def ras_axes(img: nib.spatialimages.SpatialImage) -> np.ndarray:
-    """For each RAS axis, the voxel axis that runs along it (training reorients to RAS)."""
-    return np.argsort(nib.orientations.io_orientation(img.affine)[:, 0])
 
 
 def channels_of(paths: list[str]) -> tuple[list[np.ndarray], str]:
@@ -72,8 +67,18 @@ def case_fingerprint(case: Mapping, samples: int) -> dict:
         "foreground_intensities": intensities,
         "label_voxels": {str(v): int(n) for v, n in enumerate(counts) if n},
         "label_volumes_ml": {str(v): float(n * np.prod(spacing) / 1000) for v, n in enumerate(counts) if n},
+        "label_centroids_mm": label_centroids(seg, label_img.affine),
         "_samples": sampled,
     }
+
+
+def label_centroids(seg: np.ndarray, affine: np.ndarray) -> dict[str, list[float]]:
+    """Each foreground label's centre in world RAS mm (orientation-independent, for the mirroring rule)."""
+    centres = {}
+    for value in np.unique(seg[seg > 0]):
+        voxel = np.argwhere(seg == value).mean(axis=0)
+        centres[str(int(value))] = (affine[:3, :3] @ voxel + affine[:3, 3]).tolist()
+    return centres
 
 
 def summary(values: np.ndarray) -> dict:

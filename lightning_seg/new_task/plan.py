@@ -38,7 +38,15 @@ CPU_STEP_VOXELS = 8 * 40 * 56 * 40
 CPU_MAX_BATCH = 8
 GPU_MODEL, GPU_DOWNSAMPLINGS = "dynunet", 5  # nnU-Net's plain U-Net
 VAL_EVERY_STEPS = 100  # validate about this often (in training steps), in whole epochs
-DICE_THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9]  # time-to-accuracy targets, foreground mean val/dice
+DICE_THRESHOLDS = [0.5, 0.7, 0.8, 0.85, 0.9]
+# mirroring an axis along which two labels keep their order in this share of the cases (at least
+# ORDER_MIN_CASES of them) would train on label maps that never occur: that axis is not mirrored
+ORDER_SHARE, ORDER_MIN_CASES = 0.95, 5
+AXES = (
+    "LR",
+    "PA",
+    "IS",
+)  # RAS: the axes training resamples in  # time-to-accuracy targets, foreground mean val/dice
 # data settings the plan assumes (conf/data/msd.yaml's defaults)
 SAMPLES_PER_VOLUME, VAL_FRACTION = 2, 0.2
 
@@ -70,6 +78,7 @@ class TaskPlan:
     target: Target
     model: str
     batch_size: int
+    flip_axes: list[int]
     task: dict
     decisions: list[Decision] = field(default_factory=list)
 
@@ -150,6 +159,8 @@ def plan_task(
             f"{fits} fit {target.name} in {label(target.precision)} at this patch; the {n_train} training "
             f"cases feed {feed}; {share} hold 5% of the dataset's voxels (nnU-Net's cap)"
         )
+    flips, why_flips = mirror_axes(cases)
+    decide("data.flip_axes", flips, why_flips)
     task["patch_size"] = decide("task.patch_size", patch, why_patch)
     strides = plan_topology(patch, downsamplings, spacing).strides
     decide(
@@ -169,7 +180,7 @@ def plan_task(
     task["dice_thresholds"] = decide("task.dice_thresholds", DICE_THRESHOLDS, "defaults: edit them")
     if n == 1:
         decisions.append(Decision("(split)", "1 case", "it trains and validates on that case: add cases"))
-    return TaskPlan(name, folder, target, model, batch, task, decisions)
+    return TaskPlan(name, folder, target, model, batch, flips, task, decisions)
 
 
 def target_spacing(fingerprint: dict) -> tuple[list[float], str]:
@@ -194,6 +205,34 @@ def target_spacing(fingerprint: dict) -> tuple[list[float], str]:
         )
         target[worst] = thick
     return [round(float(t), 6) for t in target], why
+
+
+def mirror_axes(cases: list[dict]) -> tuple[list[int], str]:
+    """The axes random mirroring may flip: all, but those along which two labels keep their order
+    (hippocampus: anterior before posterior; left and right kidneys along LR). nnU-Net mirrors every
+    axis; a mirrored image whose labels sit the wrong way round teaches the network to ignore where
+    a structure lies."""
+    labels = sorted({v for c in cases for v in c["label_centroids_mm"]}, key=int)
+    orders = {axis: ordered_pair(cases, labels, axis) for axis in range(3)}
+    kept = [axis for axis, order in orders.items() if order is None]
+    reasons = [order for order in orders.values() if order]
+    if not reasons:
+        return kept, "every axis: no two labels keep their order along one"
+    return kept, "; ".join(reasons) + ": mirroring there would swap them"
+
+
+def ordered_pair(cases: list[dict], labels: list[str], axis: int) -> str | None:
+    """Two labels whose centres keep their order along `axis`, said in words, or None."""
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            both = [c["label_centroids_mm"] for c in cases if {a, b} <= c["label_centroids_mm"].keys()]
+            before = sum(c[a][axis] < c[b][axis] for c in both)
+            share = max(before, len(both) - before) / max(len(both), 1)
+            if len(both) >= ORDER_MIN_CASES and share >= ORDER_SHARE:
+                return (
+                    f"labels {a}, {b} keep their order along {AXES[axis]} in {share:.0%} of {len(both)} cases"
+                )
+    return None
 
 
 def normalization(fingerprint: dict, channels: list[str]) -> tuple[dict, bool, str]:

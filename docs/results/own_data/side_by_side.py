@@ -2,9 +2,10 @@
 
     python docs/results/own_data/side_by_side.py WORK NNUNET_BIN [DatasetNNN_Name folders ...]
 
-WORK gets the synthetic folders (`--synthetic`, the four kinds of data the own-data issue names: thick-slice
-MRI, a two-channel tumour set with five labels, CT in int16, a two-contrast MRI in int16), nnU-Net's
-raw/preprocessed trees, our planned configs, `plans.json` (both planners' plans per folder) and `table.md`.
+WORK gets the synthetic folders (`--synthetic`: the kinds of data the own-data issue names, thick-slice
+MRI, a two-channel tumour set with five labels, CT in int16, a two-contrast MRI in int16, and a large
+CT), nnU-Net's raw/preprocessed trees, our planned configs, nnU-Net's plans (`nnunet_plans/`), `plans.json`
+(both planners' plans per folder) and `table.md`.
 NNUNET_BIN is the bin folder of a venv with nnunetv2 (`pip install nnunetv2`, kept apart from this
 project's). nnU-Net's axes (SimpleITK's: the file's array axes reversed, then `transpose_forward`) are
 mapped to ours (RAS, as training resamples) through the first case's affine.
@@ -22,10 +23,9 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from lightning_seg.data.layout import read_datalist
+from lightning_seg.data.layout import ras_axes, read_datalist
 from lightning_seg.data.synthetic import write_synthetic_nnunet
 from lightning_seg.model.nets import plan_topology
-from lightning_seg.new_task.fingerprint import ras_axes
 
 THREE = {"background": 0, "a": 1, "b": 2}
 SYNTHETIC = {
@@ -44,6 +44,14 @@ SYNTHETIC = {
     ),
     "Dataset103_CTint16": dict(
         geometry=[((80, 80, 40), (0.78, 0.78, 2.5)), ((72, 72, 36), (0.85, 0.85, 2.5))] * 3,
+        channels={"0": "CT"},
+        labels=THREE,
+        ct=True,
+        dtype="int16",
+    ),
+    # large enough that neither planner takes the whole median image: the patch follows the budget
+    "Dataset105_LargeCT": dict(
+        geometry=[((256, 256, 200), (0.75, 0.75, 1.0)), ((240, 240, 180), (0.8, 0.8, 1.0))] * 2,
         channels={"0": "CT"},
         labels=THREE,
         ct=True,

@@ -13,7 +13,6 @@ cuDNN workspace allowance of the training step is added to the window loop.
 Overlap changes the number of windows, not the memory.
 """
 
-import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from lightning_seg.data.layout import image_files, ras_axes, read_datalist
 from lightning_seg.precision import autocast_dtype
 from lightning_seg.study.memory.allocator import AllocatorModel, allocator_bytes
 from lightning_seg.study.memory.cuda_autocast import CudaAutocast
@@ -44,24 +44,23 @@ def largest_volume(cfg: DictConfig) -> tuple[list[int] | None, str]:
     if synthetic:  # the phantom generator's settings say it: no need to write the data
         shape = resampled_shape(synthetic.shape, synthetic.spacing, target)
         return shape, f"synthetic task: {synthetic.num_cases} cases of {list(synthetic.shape)} voxels"
-    listing = Path(str(cfg.data.task_dir)) / "dataset.json"
-    if not listing.is_file():
-        return None, f"{listing} not found (set paths.data_dir, or plan.volume=[x,y,z])"
-    cases = json.loads(listing.read_text()).get("training", [])
+    task_dir = Path(str(cfg.data.task_dir))
+    if not (task_dir / "dataset.json").is_file():
+        return None, f"{task_dir / 'dataset.json'} not found (set paths.data_dir, or plan.volume=[x,y,z])"
+    cases = read_datalist(task_dir)
     best, name = None, None
     for case in cases:
-        path = listing.parent / case["image"]
+        path = Path(image_files(case["image"])[0])
         if not path.is_file():
             continue
         header = nib.load(str(path))  # reads the header; the voxels stay on disk
-        ornt = nib.orientations.io_orientation(header.affine)  # voxel axes -> RAS axes
-        shape = np.array(header.shape[:3])[np.argsort(ornt[:, 0])]
-        spacing = np.array(header.header.get_zooms()[:3])[np.argsort(ornt[:, 0])]
+        order = ras_axes(header)
+        shape, spacing = np.array(header.shape[:3])[order], np.array(header.header.get_zooms()[:3])[order]
         size = resampled_shape(shape.tolist(), spacing.tolist(), target)
         if best is None or math.prod(size) > math.prod(best):
             best, name = size, path.name
     if best is None:
-        return None, f"no readable training image listed in {listing}"
+        return None, f"no readable training image listed in {task_dir / 'dataset.json'}"
     return best, f"largest of {len(cases)} training images: {name}"
 
 
