@@ -266,3 +266,22 @@ def test_hippocampus_in_both_layouts_plans_the_same(tmp_path):
     )
     assert task["normalization"] == {"kind": "zscore"} and task["val_every_n_epochs"] == 2
     assert plans[0]["data"]["flip_axes"] == [0]  # anterior before posterior along PA (and IS) in every case
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["name=a/b"], "name=a/b: use letters, digits, _ and -"),
+        (["name=x", "gpu_memory_gib=lots"], "gpu_memory_gib=lots: give the card's memory in GiB"),
+        (["name=x", "gpu=GTX480"], "gpu=GTX480: choose cpu or one of V100-16"),
+        (["name=x", "gpu=cpu", "precision=8"], "precision=8: choose one of 32, tf32, 16, bf16"),
+        (["name=x", "batch=4"], "unknown option(s) batch; usage: lightning-seg-new-task DIR name=NAME"),
+        ([], "give one DIR and name=NAME"),
+    ],
+)
+def test_bad_options_stop_before_the_folder_is_read(tmp_path, options, message):
+    result = new_task(tmp_path, tmp_path / "not_read", *options)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "conf").exists()

@@ -1,6 +1,7 @@
 """The wheel a user installs: it holds conf/ and runs every console script outside the checkout."""
 
 import json
+import os
 import site
 import subprocess
 import sys
@@ -19,8 +20,8 @@ QUICK = [
 ]
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+def run(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -50,6 +51,20 @@ def test_wheel_installs_and_runs_from_an_empty_directory(tmp_path):
     run([str(bin_dir / "lightning-seg-train"), *QUICK, "hydra.run.dir=outputs/run"], work)
     ckpt = work / "outputs" / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file() and (work / "data" / "Task00_Synthetic" / "dataset.json").is_file()
+
+    # a planned task lands in the user config dir (~/.config/lightning_seg), which every command searches
+    home = {**os.environ, "HOME": str(tmp_path / "home")}
+    home.pop("LIGHTNING_SEG_CONFIG_DIR", None)
+    run(
+        [str(bin_dir / "lightning-seg-new-task"), "data/Task00_Synthetic", "name=mine", "gpu=cpu"], work, home
+    )
+    assert (tmp_path / "home" / ".config" / "lightning_seg" / "task" / "mine.yaml").is_file()
+    run(
+        [str(bin_dir / "lightning-seg-train"), "task=mine", *QUICK[:2], *QUICK[4:], "hydra.run.dir=mine"],
+        work,
+        home,
+    )
+    assert (work / "mine" / "checkpoints" / "last.ckpt").is_file()
 
     images = work / "data" / "Task00_Synthetic" / "imagesTr"
     case = sorted(images.iterdir())[0]

@@ -11,6 +11,7 @@ trains it. Defaults: a 24 GB card in fp16 AMP; `gpu=cpu` plans for a machine wit
 import datetime
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -28,11 +29,14 @@ from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError
 from lightning_seg.new_task.fingerprint import channels_of, fingerprint
 from lightning_seg.new_task.plan import Target, TaskPlan, plan_task
-from lightning_seg.precision import PRECISIONS
+from lightning_seg.precision import PRECISIONS, label
 from lightning_seg.run_dir import write_atomic, write_json
 from lightning_seg.study.memory.fit import GPUS
 
-USAGE = "lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=DIR]"
+USAGE = (
+    "lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=DIR] "
+    "[workers=N]"
+)
 OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "workers")
 DEFAULT_GIB, DEFAULT_PRECISION = 24.0, "16"
 MARKER = "# planned by lightning-seg-new-task"  # a file without it is hand-written: never overwritten
@@ -45,6 +49,8 @@ def parse(argv: list[str]) -> tuple[Path, dict]:
     if len(folders) != 1 or unknown or "name" not in options:
         problem = f"unknown option(s) {', '.join(unknown)}" if unknown else "give one DIR and name=NAME"
         raise ConfigError(f"{problem}; usage: {USAGE}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", options["name"]):
+        raise ConfigError(f"name={options['name']}: use letters, digits, _ and - (it names a config file)")
     return Path(folders[0]).expanduser().resolve(), options
 
 
@@ -58,7 +64,12 @@ def target_of(options: dict) -> Target:
         raise ConfigError("give gpu=CARD or gpu_memory_gib=G, not both")
     if gpu is not None and gpu not in GPUS:
         raise ConfigError(f"gpu={gpu}: choose cpu or one of {', '.join(GPUS)}, or give gpu_memory_gib=G")
-    capacity = float(GPUS[gpu]) if gpu else float(gib) if gib else DEFAULT_GIB
+    try:
+        capacity = float(GPUS[gpu]) if gpu else float(gib) if gib else DEFAULT_GIB
+    except ValueError:
+        raise ConfigError(
+            f"gpu_memory_gib={gib}: give the card's memory in GiB, e.g. gpu_memory_gib=24"
+        ) from None
     return Target(gpu or f"a {capacity:g} GB card", capacity, precision or DEFAULT_PRECISION)
 
 
@@ -71,7 +82,7 @@ def task_dir_for(options: dict) -> Path:
 
 
 def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
-    name = options["name"]
+    name, target = options["name"], target_of(options)  # a bad option stops before the long part
     out = task_dir_for(options)
     target_file = out / f"{name}.yaml"
     shipped = CONFIG_DIR / "task" / f"{name}.yaml"  # it would hide a user config of that name
@@ -94,7 +105,7 @@ def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
     check_dataset(folder, labels, len(channels), workers=workers)  # every broken case, before the fingerprint
     print(f"fingerprinting {len(cases)} cases of {folder} ...", flush=True)
     prints = fingerprint(cases, workers)
-    plan = plan_task(name, str(folder), prints, labels, regions, channels, target_of(options))
+    plan = plan_task(name, str(folder), prints, labels, regions, channels, target)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.fingerprint.json", prints)
     write_atomic(target_file, task_yaml(plan, len(cases)))
@@ -104,7 +115,7 @@ def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
 def task_yaml(plan: TaskPlan, num_cases: int) -> str:
     why = {d.key: d.why for d in plan.decisions}
     target = plan.target
-    made_for = "a CPU" if target.cpu else f"{target.name} in precision {target.precision}"
+    made_for = "a CPU" if target.cpu else f"{target.name} in {label(target.precision)}"
     lines = [
         "# @package _global_",
         f"{MARKER} from {plan.folder} ({num_cases} cases) for {made_for},",

@@ -153,11 +153,11 @@ def plan_task(
         budget = card_budget(target.capacity_gib)
         patch, why_patch = gpu_patch(cfg, median, spacing, budget, target)
         fits, _ = largest_batch(cfg, int(budget / (1 - MARGIN)), MARGIN, target.precision, patch)
-        share = max(2, round(BATCH_SHARE * n * math.prod(median) / math.prod(patch)))
+        share = round(BATCH_SHARE * n * math.prod(median) / math.prod(patch))
         batch = even(max(2, min(fits, feed, share)))
         why_batch = (
             f"{fits} fit {target.name} in {label(target.precision)} at this patch; the {n_train} training "
-            f"cases feed {feed}; {share} hold 5% of the dataset's voxels (nnU-Net's cap)"
+            f"cases feed {feed}; {share} hold 5% of the dataset's voxels (nnU-Net's cap); 2 at least"
         )
     flips, why_flips = mirror_axes(cases)
     decide("data.flip_axes", flips, why_flips)
