@@ -35,6 +35,7 @@ def new_task(tmp_path: Path, folder: Path, *options: str) -> subprocess.Complete
             str(folder),
             *options,
             f"config_dir={tmp_path / 'conf'}",
+            f"cache_dir={tmp_path / 'cache'}",  # the dataset check's memo, where train() below looks
         ],
         cwd=ROOT,
         capture_output=True,
@@ -189,6 +190,9 @@ def test_one_case_plans_and_trains_on_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "trains and validates on that case" in result.stdout
     assert planned(tmp_path, "one")["data"]["batch_size"] == 2  # one volume, two patches
+    assert list(
+        (tmp_path / "cache" / "checked").glob("Dataset005_One-*.json")
+    )  # training reads it, no re-check
     trained = train(tmp_path, "task=one", "trainer.max_steps=2", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

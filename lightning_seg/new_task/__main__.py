@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from lightning_seg.config import CONFIG_DIR, user_config_dir
+from lightning_seg.config import CONFIG_DIR, repo_root, user_config_dir
 from lightning_seg.data.checks import check_dataset
 from lightning_seg.data.layout import (
     DatasetError,
@@ -35,9 +35,9 @@ from lightning_seg.study.memory.fit import GPUS
 
 USAGE = (
     "lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=DIR] "
-    "[workers=N]"
+    "[cache_dir=DIR] [workers=N]"
 )
-OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "workers")
+OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "cache_dir", "workers")
 DEFAULT_GIB, DEFAULT_PRECISION = 24.0, "16"
 MARKER = "# planned by lightning-seg-new-task"  # a file without it is hand-written: never overwritten
 
@@ -102,7 +102,10 @@ def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
         count = len(channels_of(image_files(cases[0]["image"]))[0])
         channels = [f"channel_{c}" for c in range(count)]
     workers = int(options.get("workers", 2))
-    check_dataset(folder, labels, len(channels), workers=workers)  # every broken case, before the fingerprint
+    # every broken case, before the fingerprint; remembered where training looks (paths.cache_dir, its
+    # default unless given), so the first run does not check the cases again
+    cache = Path(options.get("cache_dir") or Path(repo_root()) / "cache")
+    check_dataset(folder, labels, len(channels), cache, workers)
     print(f"fingerprinting {len(cases)} cases of {folder} ...", flush=True)
     prints = fingerprint(cases, workers)
     plan = plan_task(name, str(folder), prints, labels, regions, channels, target)
