@@ -15,7 +15,7 @@ PRECISIONS = {
     "16": ("16-mixed", False, "fp16 AMP"),  # fp16 autocast with loss scaling (Lightning runs bf16 on CPU)
     "bf16": ("bf16-mixed", False, "bf16 AMP"),
 }
-AUTO = "auto"  # measured by training at start-up: lightning_seg.auto_precision
+AUTO = "auto"  # measured by training at start-up: lightning_seg.study.auto_precision
 
 
 def _lookup(choice) -> tuple[str, bool, str]:

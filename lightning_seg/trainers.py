@@ -1,94 +1,16 @@
-"""The one Trainer factory, and the Trainer that times N training steps on synthetic batches.
+"""The one Trainer factory: training, validation and the study's benchmark and probes build theirs here."""
 
-Training, validation and the study's benchmark build their Trainers with `build_trainer`; what
-`precision=auto` times at start-up and what the benchmark times is `step_trainer`: the module's own
-training step under the run's precision plugin, optimizer and `trainer.*` switches, on one device,
-without the loggers, checkpoints and validation that a timing must not include.
-"""
-
-import warnings
-from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.profilers import Profiler
-
-
-def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
-    """The Trainer of `cfg.trainer` (precision, devices, strategy, speed and checkpoint plugins as
-    configured), with `overrides` (callbacks, logger, limits): an override of `trainer.*` means the
-    same in training, validation and the benchmark."""
-    return instantiate(cfg.trainer, **overrides)
-
-
-class SyntheticBatches(Iterable):
-    """`length` training batches drawn in turn from a few random input sets on the device."""
-
-    def __init__(self, inputs: list[dict[str, torch.Tensor]], length: int) -> None:
-        self.inputs, self.length = inputs, length
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return (self.inputs[i % len(self.inputs)] for i in range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
-
-
-def synthetic_inputs(cfg: DictConfig, batch_size: int, device: torch.device, sets: int) -> list[dict]:
-    """`sets` random batches of the task's patch: images and labels of its label count."""
-    shape = (batch_size, cfg.task.in_channels, *cfg.task.patch_size)
-    label_shape = (batch_size, 1, *cfg.task.patch_size)
-    return [
-        {
-            "image": torch.randn(shape, device=device),
-            "label": torch.randint(0, len(cfg.task.labels), label_shape, device=device).float(),
-        }
-        for _ in range(sets)
-    ]
-
-
-def synthetic_batches(cfg: DictConfig, batch_size: int, device: torch.device, steps: int, sets: int = 2):
-    return SyntheticBatches(synthetic_inputs(cfg, batch_size, device, sets), steps)
-
+from pytorch_lightning import Trainer
 
 # Lightning 2.6's own _pytree uses torch's deprecated LeafSpec: nothing a user can act on
 LIGHTNING_OWN_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
-def fit_steps(trainer: Trainer, module: LightningModule, batches: Iterable[dict]) -> None:
-    """`trainer.fit` of a `step_trainer`: training steps alone, no validation loop (which Lightning
-    warns of, as of its own deprecation: neither is a finding here)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=LIGHTNING_OWN_DEPRECATION)
-        warnings.filterwarnings(
-            "ignore", message="You defined a `validation_step` but have no `val_dataloader`"
-        )
-        trainer.fit(module, train_dataloaders=batches)
-
-
-def step_trainer(
-    cfg: DictConfig, steps: int, callbacks: list[Callback], root: str, profiler: Profiler | None = None
-) -> Trainer:
-    """The run's Trainer (precision, cuDNN benchmark and determinism from `trainer.*`) for `steps`
-    training steps on one device, writing nothing but into `root`."""
-    return build_trainer(
-        cfg,
-        devices=1,
-        strategy="auto",
-        num_nodes=1,
-        max_steps=steps,
-        max_epochs=-1,
-        max_time=None,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        profiler=profiler,
-        default_root_dir=root,
-    )
+def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
+    """The Trainer of `cfg.trainer` with `overrides` (callbacks, logger, limits): an override of
+    `trainer.*` means the same in training, validation and the benchmark."""
+    return instantiate(cfg.trainer, **overrides)

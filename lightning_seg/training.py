@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Trainer, seed_everything
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lightning_seg import auto_precision
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
@@ -61,10 +60,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if str(cfg.precision) == AUTO:  # measured once per node (the local rank 0 process); the others wait
         output_dir.mkdir(parents=True, exist_ok=True)
         saved = resume.run_config.get("precision_auto") if in_place else None
-        precision_auto = prepare_once_per_node(
-            lambda: auto_precision.choose(cfg, saved), output_dir, name="precision-auto"
-        )
-        auto_precision.apply(cfg, precision_auto)
+        choose = get_method(cfg.auto_precision.choose)  # the study's probe, named by the config
+        precision_auto = prepare_once_per_node(lambda: choose(cfg, saved), output_dir, name="precision-auto")
+        cfg.precision, cfg.inference_precision = (precision_auto[k] for k in ("train", "inference_precision"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if precision_auto is not None:  # in the checkpoints and the model card
         resolved["precision_auto"] = precision_auto

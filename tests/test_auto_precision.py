@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from lightning_seg import auto_precision, precision
+from lightning_seg import precision
 from lightning_seg.errors import ConfigError
 from lightning_seg.inference import Predictor
+from lightning_seg.study import auto_precision
 from lightning_seg.training import train
 
 from .conftest import compose_config, tiny_synthetic_overrides
@@ -79,13 +80,13 @@ def test_a_run_with_precision_auto_trains_validates_and_predicts_by_its_measured
         "trainer.max_epochs=1",
         "callbacks.amp_guard=null",
     ]
-    with caplog.at_level("INFO", logger="lightning_seg.auto_precision"):
+    with caplog.at_level("INFO", logger="lightning_seg.study.auto_precision"):
         _, objects = train(compose_config(tmp_path, overrides))
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
     record = env["precision_auto"]
     assert set(record["training"]) == {"32", "bf16"}  # what a CPU offers
     assert record["training"]["32"]["step_s"] > 0 and record["inference"]["32"]["batch_s"] > 0
-    table = [r.getMessage() for r in caplog.records if r.name == "lightning_seg.auto_precision"]
+    table = [r.getMessage() for r in caplog.records if r.name == "lightning_seg.study.auto_precision"]
     assert table[0].startswith("precision=auto on cpu") and "-> training in" in table[-1]
     trainer, module = objects["trainer"], objects["module"]
     assert trainer.precision == {"32": "32-true", "bf16": "bf16-mixed"}[record["train"]]

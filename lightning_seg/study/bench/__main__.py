@@ -20,12 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_seg import auto_precision
-from lightning_seg.auto_precision import untimed_reason
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.entry import user_errors
 from lightning_seg.environment import environment_info
 from lightning_seg.precision import label
+from lightning_seg.study import auto_precision
+from lightning_seg.study.auto_precision import untimed_reason
 from lightning_seg.study.bench import bare_loop
 from lightning_seg.study.bench.step import measure
 from lightning_seg.study.bench.tables import markdown_table, plot_memory, plot_phases

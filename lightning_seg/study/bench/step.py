@@ -25,7 +25,7 @@ from lightning_seg.precision import set_tf32, uses_tf32
 from lightning_seg.study.callbacks.peak_memory import peak_memory_gib
 from lightning_seg.study.callbacks.step_breakdown import StepBreakdown
 from lightning_seg.study.profiler import DataWaitProfiler
-from lightning_seg.trainers import SyntheticBatches, fit_steps, step_trainer, synthetic_inputs
+from lightning_seg.study.step_trainer import SyntheticBatches, fit_steps, step_trainer, synthetic_inputs
 
 
 class StepRecorder(Callback):

@@ -25,7 +25,7 @@ from lightning_seg import precision  # its CPU checks by module: tests fake a CP
 from lightning_seg.errors import ConfigError
 from lightning_seg.model.module import grad_scaler
 from lightning_seg.precision import autocast, autocast_dtype, label, set_tf32, uses_tf32
-from lightning_seg.trainers import fit_steps, step_trainer, synthetic_batches
+from lightning_seg.study.step_trainer import fit_steps, step_trainer, synthetic_batches
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,6 @@ def choose(cfg: DictConfig, saved: dict | None = None) -> dict:
     for line in describe(record):
         log.info("%s", line)
     return record
-
-
-def apply(cfg: DictConfig, record: dict) -> None:
-    """Train and validate `cfg` in the record's choices."""
-    cfg.precision, cfg.inference_precision = record["train"], record["inference_precision"]
 
 
 def probe_device(cfg: DictConfig) -> torch.device:
