@@ -1,10 +1,7 @@
-"""The layout version of lightning_seg checkpoints, and the steps that bring older layouts up to date.
+"""Checkpoint layout versions (`lightning_seg_format`, none: 0): loading migrates older ones, refuses newer.
 
-Every checkpoint carries `lightning_seg_format` (none: version 0). Loading runs the migrations
-N -> N+1 up to FORMAT_VERSION and refuses a newer checkpoint by name. Changing what a checkpoint holds
-means: FORMAT_VERSION + 1, a migration in MIGRATIONS, and a test that an old checkpoint
-(tests/fixtures/) still loads.
-"""
+Changing what a checkpoint holds means FORMAT_VERSION + 1, a migration in MIGRATIONS, and a test that an
+old checkpoint (tests/fixtures/) still loads."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -16,50 +13,38 @@ from lightning_seg.errors import UserError
 FORMAT_KEY = "lightning_seg_format"
 FORMAT_VERSION = 1
 
+# from version N to N + 1, applied in place; one entry for every version below FORMAT_VERSION
+MIGRATIONS: dict[int, Callable[[dict], None]] = {
+    0: lambda checkpoint: None,  # version 0 (before the format key) has version 1's layout
+}
+
 
 class CheckpointFormatError(UserError):
     """A checkpoint this version of lightning_seg cannot read; the message names the file and the version."""
 
 
-def _v0_to_v1(checkpoint: dict) -> None:
-    """Version 0 (before the format key): its layout is version 1's, nothing to change."""
-
-
-# from version N to N + 1, applied in place; one entry for every version below FORMAT_VERSION
-MIGRATIONS: dict[int, Callable[[dict], None]] = {0: _v0_to_v1}
-
-
-def format_version(checkpoint: dict, source: str | Path = "checkpoint") -> int:
-    """The checkpoint's format version (0 when it has none)."""
-    version = checkpoint.get(FORMAT_KEY, 0)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise CheckpointFormatError(f"{source}: {FORMAT_KEY}={version!r} is not a format version")
-    return version
-
-
 def stamp(checkpoint: dict) -> None:
-    """Mark a checkpoint being saved with this code's format version."""
     checkpoint[FORMAT_KEY] = FORMAT_VERSION
 
 
 def upgrade(checkpoint: dict, source: str | Path = "checkpoint") -> dict:
     """Migrate `checkpoint` in place to FORMAT_VERSION (and return it); refuse one from a newer version."""
-    version = format_version(checkpoint, source)
+    version = checkpoint.get(FORMAT_KEY, 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointFormatError(f"{source}: {FORMAT_KEY}={version!r} is not a format version")
     if version > FORMAT_VERSION:
         raise CheckpointFormatError(
             f"{source}: written by a newer lightning_seg (format {version}); this one reads up to "
             f"{FORMAT_VERSION}: upgrade lightning_seg to load it"
         )
-    while version < FORMAT_VERSION:
-        MIGRATIONS[version](checkpoint)
-        version += 1
-        checkpoint[FORMAT_KEY] = version
+    for step in range(version, FORMAT_VERSION):
+        MIGRATIONS[step](checkpoint)
+        checkpoint[FORMAT_KEY] = step + 1
     return checkpoint
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(checkpoint, its run config): the file as plain data (`weights_only=True`) on the CPU, migrated
-    to FORMAT_VERSION; one training did not write is refused."""
+    """(checkpoint, its run config), plain data on the CPU, migrated; one training did not write: refused."""
     checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True), path)
     config = checkpoint.get("hyper_parameters", {}).get("run_config")
     if not config:

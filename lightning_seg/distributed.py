@@ -1,12 +1,6 @@
-"""Which process this is before the Trainer exists, and data preparation once per node.
-
-Under Lightning's `ddp` strategy, the processes of ranks 1.. start only when rank 0 reaches
-`trainer.fit` and run the training script again; under SLURM or torchrun every process starts at
-once. Either way, the dataset check, the synthetic writer, an MSD download and precision=auto's probe
-run in the local rank 0 process of each node while the others wait for its verdict (and the probe's
-choice), so a broken dataset stops every process with the same one-line message before a checkpoint,
-log or W&B run exists, and every process trains in the same precision.
-"""
+"""Which process this is before the Trainer exists, and data preparation once per node: the dataset check,
+download and precision=auto's probe run in local rank 0, the others (started with it, or by `ddp` at fit)
+wait for its verdict, so a broken dataset stops all with one message and all train in one precision."""
 
 import json
 import logging
@@ -29,7 +23,7 @@ from lightning_seg.run_dir import write_atomic
 log = logging.getLogger(__name__)
 
 OK = "ok"
-POLL_S = 1.0
+TIMEOUT_S = 24 * 3600
 
 
 def launch_environment() -> ClusterEnvironment:
@@ -49,11 +43,9 @@ def launch_id() -> str:
     return os.environ.get("TORCHELASTIC_RUN_ID", "local")
 
 
-def prepare_once_per_node(
-    prepare: Callable[[], Any], marker_dir: Path, timeout_s: float = 24 * 3600, name: str = "prepared"
-) -> Any:
-    """Run `prepare` in the node's local rank 0 process; the node's other processes wait for it and
-    fail with its error message if it failed. Every process returns what it returned (JSON-able)."""
+def prepare_once_per_node(prepare: Callable[[], Any], marker_dir: Path, name: str = "prepared") -> Any:
+    """Run `prepare` in the node's local rank 0 process; the others wait and fail with its message if it
+    failed. Every process returns what it returned (JSON-able)."""
     env = launch_environment()
     marker = marker_dir / f".{name}-{launch_id()}-node{env.node_rank()}"
     if env.local_rank() == 0:
@@ -68,11 +60,11 @@ def prepare_once_per_node(
         write_atomic(marker, f"{OK}\n{json.dumps(result)}")
         return result
     log.info("local rank %d: waiting for local rank 0 (%s)", env.local_rank(), marker)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + TIMEOUT_S
     while not marker.is_file():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"local rank 0 did not finish preparing the data within {timeout_s:.0f} s")
-        time.sleep(POLL_S)
+            raise TimeoutError(f"local rank 0 did not finish preparing the data within {TIMEOUT_S:.0f} s")
+        time.sleep(1.0)
     verdict, _, result = marker.read_text().partition("\n")
     if verdict != OK:
         raise UserError(marker.read_text())

@@ -1,12 +1,7 @@
-"""What an entry point shows when a user's input is wrong: one `error: ...` line, exit code 2.
+"""What an entry point shows when a user's input is wrong (`user_message`): one `error: ...` line, exit 2.
 
-A `UserError` (a broken dataset, a config value that cannot work), an unset `???` value, or an
-`OSError` on a path the user chose (a file where a folder should be, no permission, a full disk) is
-printed as its message alone, also where Hydra or OmegaConf wrapped it; anything else is a bug and
-keeps its traceback. `verbose=true` or `HYDRA_FULL_ERROR=1` prints the traceback of user errors too;
-the run's log file always has it. Use it inside the task function (`with user_errors(cfg): ...`):
-Hydra prints an escaping exception with a traceback, and lets the `SystemExit` through.
-"""
+Use it inside the task function: Hydra prints an escaping exception with a traceback, and lets `SystemExit`
+through. `verbose=true` or `HYDRA_FULL_ERROR=1` prints the traceback too; the run's log file always has it."""
 
 import errno
 import logging
@@ -27,25 +22,16 @@ from lightning_seg.errors import UserError
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2  # as argparse exits on a bad command line
-# an OSError with one of these on a path is the user's to fix: a file where a folder should be,
-# no permission, a read-only or full disk
-PATH_ERRNOS = {
-    errno.ENOTDIR,
-    errno.EEXIST,
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENOSPC,
-    errno.EDQUOT,
-}
+NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}  # a file where a folder should be
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# an OSError with one of these on a path is the user's to fix (also: no permission, a read-only disk)
+PATH_ERRNOS = NOT_A_FOLDER | NO_SPACE | {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @contextmanager
 def user_errors(cfg: DictConfig | None = None, key: str | None = None) -> Iterator[None]:
-    """Turn a user error raised in the block into `error: <message>` on stderr and exit code 2.
-
-    `key` names the setting that holds the paths written in the block (e.g. `hydra.run.dir`);
-    without it, the `paths.*` key whose folder holds the failing path is named."""
+    """A user error in the block: `error: <message>` on stderr, exit code 2. `key`: the setting naming the
+    block's paths (`hydra.run.dir`); by default, the `paths.*` key whose folder holds the failing path."""
     try:
         yield
     except Exception as err:
@@ -69,8 +55,7 @@ def user_message(err: BaseException, cfg: DictConfig | None = None, key: str | N
             unset = err.full_key
             return f"{unset}: not set; give it on the command line ({unset}=...) or in its config file"
         if isinstance(err, OSError) and err.errno in PATH_ERRNOS and err.filename:
-            message = path_message(err, cfg, key)
-            if message:
+            if message := path_message(err, cfg, key):
                 return message
         cause = err.__cause__
         if cause is None and isinstance(err, OmegaConfBaseException | HydraException):
@@ -85,25 +70,23 @@ def path_message(err: OSError, cfg: DictConfig | None = None, key: str | None = 
     """What is wrong with the path of `err` and which setting to change, or None if unexplained."""
     path = Path(err.filename)
     setting = key or _path_key(path, cfg) or "the setting that names it"
-    if err.errno in (errno.ENOTDIR, errno.EEXIST):
+    if err.errno in NOT_A_FOLDER:
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         if blocker is None:
             return None
         return f"cannot create the folder {path}: {blocker} is a file, not a folder; pick another {setting}"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if err.errno in NO_SPACE:
         return f"no space left on the device holding {path}; free some space or point {setting} elsewhere"
     return f"cannot write {path} ({err.strerror}); pick a writable {setting}"
 
 
 def wants_traceback(cfg: DictConfig | None) -> bool:
-    """`verbose=true` in the config, or Hydra's own switch `HYDRA_FULL_ERROR=1`."""
-    verbose = False
-    if cfg is not None:
-        try:
-            verbose = bool(cfg.get("verbose", False))
-        except Exception:  # an unresolvable config must not hide the error being reported
-            pass
-    return verbose or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return True
+    try:
+        return cfg is not None and bool(cfg.get("verbose", False))
+    except Exception:  # an unresolvable config must not hide the error being reported
+        return False
 
 
 def report(message: str) -> None:
@@ -116,9 +99,8 @@ def report(message: str) -> None:
 
 
 class OutputDirCheck(Callback):
-    """Hydra callback: create the run (or sweep) dir before Hydra does, so that an unusable one
-    (a file in its path, no permission, a full disk) is reported as one line, exit code 2. Hydra
-    itself creates it outside the task function and would print a traceback."""
+    """Hydra callback: create the run (or sweep) dir before Hydra does, so that an unusable one is
+    reported as one line, exit code 2 (Hydra creates it outside the task function, with a traceback)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _make_dir(config, "hydra.run.dir")
@@ -130,10 +112,9 @@ class OutputDirCheck(Callback):
 def _make_dir(config: DictConfig, key: str) -> None:
     # the same config object Hydra resolves next: ${now:...} is cached, the time stamps agree
     path = OmegaConf.select(config, key)
-    if path is None:
-        return
-    with user_errors(config, key):
-        Path(str(path)).mkdir(parents=True, exist_ok=True)
+    if path is not None:
+        with user_errors(config, key):
+            Path(str(path)).mkdir(parents=True, exist_ok=True)
 
 
 def _path_key(path: Path, cfg: DictConfig | None) -> str | None:
@@ -147,8 +128,7 @@ def _path_key(path: Path, cfg: DictConfig | None) -> str | None:
             folder = Path(str(paths[name])).absolute()
         except Exception:  # e.g. ${hydra:...} outside a Hydra run
             continue
-        if (path.absolute() == folder or folder in path.absolute().parents) and len(folder.parts) > best_len:
-            best, best_len = name, len(folder.parts)
-    if best is None:
-        return None
-    return "hydra.run.dir" if best == "output_dir" else f"paths.{best}"
+        if path.absolute().is_relative_to(folder) and len(folder.parts) > best_len:
+            best = "hydra.run.dir" if name == "output_dir" else f"paths.{name}"
+            best_len = len(folder.parts)
+    return best

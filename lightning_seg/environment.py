@@ -1,5 +1,4 @@
-"""The facts every run records (versions, GPU, CPU kind, effective TF32 flags) and the published
-problems of this torch / cuDNN for a precision."""
+"""What every run records (versions, GPU, CPU, effective TF32 flags), and its torch / cuDNN's problems."""
 
 import os
 import platform
@@ -33,22 +32,21 @@ def environment_info() -> dict:
 
 
 def known_problems(env: dict, precision: str) -> list[str]:
-    """Published regressions and correctness bugs of 3D convolutions in this torch / cuDNN that a run at
-    `precision` (a `precision=` choice) meets, one line each, naming the upstream issue."""
+    """The published 3D-convolution bugs of this torch / cuDNN a run at `precision` meets, one line each."""
     problems = []
-    amp = str(precision) in ("16", "bf16")
-    if env["torch"].split("+")[0] == "2.9.0" and amp:
+    precision = str(precision)
+    cudnn = env.get("cudnn")
+    if env["torch"].split("+")[0] == "2.9.0" and precision in ("16", "bf16"):
         problems.append(
             "torch 2.9.0 runs 3D convolutions under autocast about 4x slower than 2.8 "
             "(pytorch/pytorch#166122): install torch 2.9.1 or newer"
         )
-    cudnn = env.get("cudnn")
-    if cudnn and 90800 <= cudnn < 91100 and str(precision) == "bf16":
+    if cudnn and 90800 <= cudnn < 91100 and precision == "bf16":
         problems.append(
             f"cuDNN {cudnn} (9.8-9.10) can compute bf16 3D convolutions wrongly (pytorch/pytorch#163539): "
             "use precision=16, or a torch build with cuDNN 9.11 or newer"
         )
-    if env["torch"].startswith("2.9.") and cudnn and cudnn < 91500 and str(precision) == "bf16":
+    if env["torch"].startswith("2.9.") and cudnn and cudnn < 91500 and precision == "bf16":
         problems.append(
             f"torch 2.9 with cuDNN {cudnn} (before 9.15) needs several times the memory for bf16 3D "
             "convolutions (pytorch/pytorch#166643): install cuDNN 9.15 or newer (pip nvidia-cudnn-cu12)"

@@ -1,5 +1,4 @@
-"""Problems a user can fix: entry points print their message and exit non-zero, without a traceback
-(`lightning_seg.entry.user_errors`)."""
+"""Problems a user can fix: entry points print the message alone and exit 2 (`entry.user_errors`)."""
 
 
 class UserError(Exception):
@@ -7,8 +6,7 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A config value this project cannot run with; the message names the key (`data.batch_size=3 ...`).
-    A ValueError too, so callers that caught ValueError before still do."""
+    """A config value this project cannot run with, named by its key; a ValueError too, for old callers."""
 
 
 class MissingFileError(UserError, FileNotFoundError):

@@ -1,9 +1,5 @@
-"""Segment new volumes with a checkpoint: the checkpoint alone carries network and preprocessing.
-
-Each image goes through the task's preprocessing (reorient, resample, normalize), Gaussian-
-weighted sliding windows (optionally averaged over mirrored copies), and the inverse of the
-spatial preprocessing, so the label map lands on the input's own grid.
-"""
+"""Segment new volumes with a checkpoint, which alone carries network and preprocessing: the preprocessing,
+Gaussian-weighted sliding windows (optionally over mirrored copies), its inverse onto the input's grid."""
 
 import itertools
 import logging
@@ -22,22 +18,11 @@ from lightning_seg.precision import autocast, fast_inference_precision
 
 log = logging.getLogger(__name__)
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
-
-
-# what every checkpoint of an ensemble must share: the input they read and the labels they write
 SHARED_TASK_KEYS = ("labels", "in_channels", "orientation", "spacing", "normalization", "crop_foreground")
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(run config, network state dict) of a checkpoint written by training."""
-    checkpoint, config = load_checkpoint(path)  # older formats migrated, a newer one refused by name
-    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    return config, state
-
-
 class Predictor:
-    """Loads a checkpoint written by training, or several (an ensemble: their class probabilities are
-    averaged, e.g. the folds of a cross-validation), and predicts whole volumes."""
+    """Predicts whole volumes with a checkpoint of training or several (an ensemble averaging them)."""
 
     def __init__(
         self,
@@ -52,93 +37,61 @@ class Predictor:
         paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
         if not paths:
             raise InputError("ckpt_path: no checkpoint given")
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
-        checkpoints = [(path, *read_checkpoint(path)) for path in paths]
-        # preprocessing, precision and mirroring follow the first checkpoint
-        config = self.config = checkpoints[0][1]
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if device == "auto" else device)
+        checkpoints = [load_checkpoint(path) for path in paths]  # older formats migrated, newer refused
+        config = checkpoints[0][1]  # preprocessing, precision and mirroring follow the first checkpoint
         self.task = config["task"]
-        for path, other, _ in checkpoints[1:]:
-            differing = [k for k in SHARED_TASK_KEYS if other["task"].get(k) != self.task.get(k)]
-            if differing:
+        self.labels = list(self.task["labels"])
+        self.nets = []  # (network, its training patch) per checkpoint
+        for path, (checkpoint, other) in zip(paths, checkpoints, strict=True):
+            if differing := [k for k in SHARED_TASK_KEYS if other["task"].get(k) != self.task.get(k)]:
                 raise InputError(
                     f"{path}: cannot join the ensemble, its task differs from {paths[0]}'s in "
                     + ", ".join(f"{k} ({other['task'].get(k)} != {self.task.get(k)})" for k in differing)
                 )
-        self.nets = []  # (network, its training patch) per checkpoint
-        for _, other, state in checkpoints:
             net = instantiate(other["model"])
-            net.load_state_dict(state)
+            state = checkpoint["state_dict"]
+            net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
             self.nets.append((net.to(self.device).eval(), list(other["task"]["patch_size"])))
-        # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
-        requested = (
-            precision if precision is not None else config.get("inference_precision") or config["precision"]
-        )
-        self.precision, why = fast_inference_precision(requested, self.device)
+        precision = precision or config.get("inference_precision") or config["precision"]  # as validate's
+        self.precision, why = fast_inference_precision(precision, self.device)
         if why:
             log.warning("%s", why)
-        self.overlap, self.sw_batch_size, self.stitch_on_cpu = overlap, sw_batch_size, stitch_on_cpu
-        data = config.get("data", {})
-        trained_flips = data.get("flip_axes", [0, 1, 2]) if data.get("augment", False) else []
+        self.stitch_on_cpu = stitch_on_cpu
+        self.window = dict(sw_batch_size=sw_batch_size, overlap=overlap, sw_device=self.device)
+        data = config.get("data", {}) if mirror else {}
         # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)
-        self.flip_sets = [()]
-        if mirror:
-            dims = [axis + 2 for axis in trained_flips]
-            self.flip_sets = [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
+        dims = [axis + 2 for axis in data.get("flip_axes", range(3))] if data.get("augment") else []
+        self.flip_sets = [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
         self.preprocess = Compose(preprocessing(self.task, keys=("image",)))
-        self.invert = Invertd(
-            "probabilities", transform=self.preprocess, orig_keys="image", nearest_interp=False
-        )
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.task["labels"])
+        self.invert = Invertd("probabilities", self.preprocess, orig_keys="image", nearest_interp=False)
 
     @torch.no_grad()
     def predict(self, image_path: str | Path | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(label map, class probabilities) on the grid of the input image (a file, or one per channel)."""
-        if isinstance(image_path, Path):
-            image_path = str(image_path)
+        image_path = str(image_path) if isinstance(image_path, Path) else image_path
         try:
             data = self.preprocess({"image": image_path})
         except Exception as err:  # MONAI wraps reader errors in its own types
             raise InputError(f"{image_path}: cannot be read as an image ({err})") from err
-        image = data["image"]
-        if image.shape[0] != self.task["in_channels"]:
-            raise InputError(
-                f"{image_path}: {image.shape[0]} channel(s), the model was trained on "
-                f"{self.task['in_channels']}"
-            )
-        # every network sees every mirrored copy: one mean over all passes is the mean of the
-        # networks' mirrored means
-        passes = [
-            self._probabilities(image[None], dims, net, patch)
-            for net, patch in self.nets
-            for dims in self.flip_sets
-        ]
+        image, wanted = data["image"], self.task["in_channels"]
+        if image.shape[0] != wanted:
+            raise InputError(f"{image_path}: {image.shape[0]} channel(s), the model was trained on {wanted}")
+        x = image.as_tensor()[None]
+        too_big = x[0, 0].numel() * len(self.labels) * 4 > STITCH_ON_GPU_MAX_BYTES  # float32 probabilities
+        on_cpu = too_big if self.stitch_on_cpu is None else self.stitch_on_cpu
+        stitch_device = torch.device("cpu") if on_cpu else self.device
+        # one mean over every network's every mirrored copy: the mean of the networks' mirrored means
+        passes = []
+        for (net, patch), dims in itertools.product(self.nets, self.flip_sets):
+            with autocast(self.precision, self.device):
+                logits = sliding_window_inference(
+                    x.flip(dims), patch, predictor=net, device=stitch_device, mode="gaussian", **self.window
+                )
+            probabilities = torch.softmax(logits.float(), dim=1).cpu()
+            passes.append(probabilities.flip(dims) if dims else probabilities)
         probabilities = torch.stack(passes).mean(0)
         data["probabilities"] = image.clone().set_array(probabilities[0])  # carries the preprocessing history
         probabilities = self.invert(data)["probabilities"].as_tensor()
         return probabilities.argmax(0).to(torch.uint8), probabilities
-
-    def _probabilities(
-        self, image: torch.Tensor, flip_dims: tuple[int, ...], net: torch.nn.Module, patch: list[int]
-    ) -> torch.Tensor:
-        x = image.as_tensor().flip(flip_dims) if flip_dims else image.as_tensor()
-        stitch = self.stitch_on_cpu
-        if stitch is None:
-            stitch = x[0, 0].numel() * len(self.labels) * 4 > STITCH_ON_GPU_MAX_BYTES
-        with autocast(self.precision, self.device):
-            logits = sliding_window_inference(
-                x,
-                roi_size=patch,
-                sw_batch_size=self.sw_batch_size,
-                predictor=net,
-                overlap=self.overlap,
-                mode="gaussian",
-                sw_device=self.device,
-                device=torch.device("cpu") if stitch else self.device,
-            )
-        probabilities = torch.softmax(logits.float(), dim=1).cpu()
-        return probabilities.flip(flip_dims) if flip_dims else probabilities

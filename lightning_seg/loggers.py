@@ -3,28 +3,22 @@
 import csv
 import io
 import logging
-import os
 
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from lightning_seg.run_dir import tmp_path
+from lightning_seg.run_dir import open_atomic
 
 log = logging.getLogger(__name__)
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger; after `continue_before(step)`, an existing `metrics.csv` keeps its rows
-    logged before `step` (the global step of the checkpoint a run resumes from) and new rows follow
-    them. Rows of later steps, which the resumed run trains again, are dropped, so no metric has a
-    step twice. Rewrites of the file (a new column, the resume) go through a temporary file and a
-    rename: a kill leaves the old file or the new one, whole."""
+    """Lightning's CSVLogger; after `continue_before(step)` (the resumed global step) an existing metrics.csv
+    keeps its rows before `step` (the later ones, trained again, go: no step twice); rewrites are atomic."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._continue_before: int | None = None
+    _continue_before: int | None = None
 
     def continue_before(self, step: int) -> None:
         """Continue the existing metrics.csv from `step` on; call before anything is logged."""
@@ -55,15 +49,11 @@ class _ContinuedWriter(ExperimentWriter):
         if text and not text.endswith("\n"):  # a kill in the middle of an append: drop the partial row
             text = text[: text.rfind("\n") + 1]
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        fieldnames = list(reader.fieldnames or [])
+        self.metrics_keys = list(reader.fieldnames or [])
         kept = [row for row in reader if _step(row) is not None and _step(row) < self.continue_before]
-        self.metrics_keys = fieldnames
-        self._write_rows(fieldnames, kept)
+        self._write_rows(self.metrics_keys, kept)
         log.info(
-            "continuing %s: %d rows before step %d kept",
-            self.metrics_file_path,
-            len(kept),
-            self.continue_before,
+            f"continuing {self.metrics_file_path}: {len(kept)} rows before step {self.continue_before} kept"
         )
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
@@ -72,14 +62,11 @@ class _ContinuedWriter(ExperimentWriter):
         self._write_rows(fieldnames, rows)
 
     def _write_rows(self, fieldnames: list[str], rows: list[dict]) -> None:
-        local = _is_local_file_protocol(self.metrics_file_path)
-        target = str(tmp_path(self.metrics_file_path)) if local else self.metrics_file_path
-        with self._fs.open(target, "w", newline="") as file:
+        opener = open_atomic if _is_local_file_protocol(self.metrics_file_path) else self._fs.open
+        with opener(self.metrics_file_path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-        if local:
-            os.replace(target, self.metrics_file_path)
 
 
 def _step(row: dict) -> int | None:

@@ -1,8 +1,8 @@
-"""What each `precision=` choice means: Lightning's precision flag, TF32 switches, autocast dtype.
+"""What each `precision=` choice means: Lightning's precision flag, TF32 switches, autocast dtype. A plain
+config value, not a config group: Hydra's command line parses `precision=16` as an int, no group choice."""
 
-A plain config value rather than a config group: Hydra's command line parses `precision=16`
-as an integer, which it refuses as a group choice.
-"""
+import statistics
+import timeit
 
 import torch
 
@@ -19,16 +19,12 @@ AUTO = "auto"  # measured by training at start-up: lightning_seg.study.auto_prec
 
 
 def _lookup(choice) -> tuple[str, bool, str]:
-    try:
+    if str(choice) in PRECISIONS:
         return PRECISIONS[str(choice)]
-    except KeyError:
-        if str(choice) == AUTO:  # only training resolves it, before anything reads the table
-            raise ConfigError(
-                f"precision=auto is chosen by training at start-up; here name one of {', '.join(PRECISIONS)}"
-            ) from None
-        raise ConfigError(
-            f"precision={choice}: choose one of {', '.join(PRECISIONS)}, or auto (training)"
-        ) from None
+    choices = ", ".join(PRECISIONS)
+    if str(choice) == AUTO:  # only training resolves it, before anything reads the table
+        raise ConfigError(f"precision=auto is chosen by training at start-up; here name one of {choices}")
+    raise ConfigError(f"precision={choice}: choose one of {choices}, or auto (training)")
 
 
 def trainer_precision(choice) -> str:
@@ -50,8 +46,8 @@ def label(choice) -> str:
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 for cuDNN convolutions and CUDA matmuls, on or off. PyTorch's default turns it on
-    for convolutions, so an unset flag makes "fp32" numbers quietly TF32 ones."""
+    """TF32 for cuDNN convolutions and CUDA matmuls, on or off: PyTorch's default turns it on for
+    convolutions, so an unset flag makes "fp32" numbers quietly TF32 ones."""
     mode = "tf32" if enabled else "ieee"
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
@@ -78,28 +74,19 @@ def cpu_has_native_bf16() -> bool:
 
 
 def bf16_conv_slowdown(repeats: int = 3) -> float:
-    """Measured: seconds of one small Conv3d forward under CPU bf16 autocast over the same in fp32 (the
-    median of `repeats`; a fraction of a second in all)."""
-    import time
-
+    """Time of a small Conv3d forward under CPU bf16 autocast over fp32 (medians; under a second in all)."""
     conv, x = torch.nn.Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 16, 16, 16)
 
     def seconds(enabled: bool) -> float:
-        times = []
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            for _ in range(repeats + 1):  # the first call warms the kernel up
-                start = time.perf_counter()
-                conv(x)
-                times.append(time.perf_counter() - start)
-        return sorted(times[1:])[len(times[1:]) // 2]
+            conv(x)  # warms the kernel up
+            return statistics.median(timeit.repeat(lambda: conv(x), number=1, repeat=repeats))
 
     return seconds(True) / max(seconds(False), 1e-9)
 
 
 def fast_inference_precision(choice, device: torch.device) -> tuple[str, str | None]:
-    """The precision validation and prediction run in for `choice` on `device`, and the one log line
-    that says why it is not `choice`: on a CPU without native bf16 a bf16 sliding window takes 10-40x
-    longer than fp32, which a run does not pay silently (it infers in fp32)."""
+    """The precision validation and prediction run in, and the log line saying why it is not `choice`."""
     choice = str(choice)
     if device.type != "cpu" or autocast_dtype(choice, device) != torch.bfloat16 or cpu_has_native_bf16():
         return choice, None

@@ -1,13 +1,11 @@
 """Resume in place: which checkpoint, whether the config still fits it, the split and W&B id it had.
 
-`ckpt_path=last` with the run's own dir (`hydra.run.dir=DIR`) continues that run in DIR; a checkpoint
-path outside the run dir starts a fork (a new run dir from those weights; the old dir is untouched).
-"""
+`ckpt_path=last` continues the run in `hydra.run.dir`; a checkpoint outside it forks (a new run dir)."""
 
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +21,8 @@ from lightning_seg.run_dir import RunDir, write_atomic
 log = logging.getLogger(__name__)
 
 # what a resumed run may not change: the cases it trains and validates on, and the network's shape
-FIXED_KEYS = (
-    "data.val_fraction",
-    "data.test_fraction",
-    "data.split_seed",
-    "data.num_folds",
-    "data.fold",
-    "task.msd_folder",
-    "task.patch_size",
-    "task.labels",
-    "model",
-)
+_SPLIT_KEYS = ("data.val_fraction", "data.test_fraction", "data.split_seed", "data.num_folds", "data.fold")
+FIXED_KEYS = (*_SPLIT_KEYS, "task.msd_folder", "task.patch_size", "task.labels", "model")
 _MISSING = "<unset>"
 
 
@@ -44,27 +33,23 @@ class Resume:
     path: Path
     in_place: bool  # the checkpoint belongs to this run dir: continue it; otherwise a fork
     global_step: int
-    run_config: dict[str, Any] = field(default_factory=dict)
-    split: dict[str, list] | None = None
+    run_config: dict[str, Any]
+    split: dict[str, list] | None
 
 
 def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
-    """The checkpoint `ckpt_path` names for a run in `run_dir`, loaded (tensors memory-mapped).
-
-    `last`: the newest of `run_dir/checkpoints/last.ckpt` and the `hpc_ckpt_*.ckpt` Lightning writes
-    into `run_dir` on SLURM's requeue signal. `None` in a SLURM job whose `run_dir` holds either: the
-    requeued job continues its run (Lightning itself would load the hpc checkpoint). A path: that file.
-    A run that does not continue `run_dir` may not start where a run already is."""
+    """The checkpoint `ckpt_path` names, memory-mapped: `last`: `RunDir.newest_checkpoint`; `None`: that
+    one in a requeued SLURM job (as Lightning would load its hpc checkpoint); else the file. A run that does
+    not continue `run_dir` may not start where a run already is."""
     run = RunDir(run_dir)
     if ckpt_path is None:
         path = run.newest_checkpoint() if SLURMEnvironment.detect() else None
         if path is None:
-            _refuse_existing_run(run_dir)
+            _refuse_existing_run(run)
             return None
         log.info("SLURM job restarted: continuing %s from %s", run_dir, path)
     elif str(ckpt_path) == "last":
-        path = run.newest_checkpoint()
-        if path is None:
+        if (path := run.newest_checkpoint()) is None:
             raise UserError(
                 f"ckpt_path=last: {run.last_checkpoint} does not exist. "
                 f"Resume in place needs the run's own dir (hydra.run.dir={run_dir} is it?); "
@@ -78,7 +63,7 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
     checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
     in_place = Path(os.path.realpath(run_dir)) in Path(os.path.realpath(path)).parents
     if not in_place:
-        _refuse_existing_run(run_dir)
+        _refuse_existing_run(run)
     return Resume(
         path=path,
         in_place=in_place,
@@ -88,11 +73,10 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
     )
 
 
-def _refuse_existing_run(run_dir: Path) -> None:
-    last = RunDir(run_dir).last_checkpoint
-    if last.is_file():
+def _refuse_existing_run(run: RunDir) -> None:
+    if run.last_checkpoint.is_file():
         raise UserError(
-            f"{run_dir} holds a run already ({last}): add ckpt_path=last to continue it, "
+            f"{run.path} holds a run already ({run.last_checkpoint}): add ckpt_path=last to continue it, "
             f"or give this run another hydra.run.dir"
         )
 
@@ -102,10 +86,9 @@ def changed_keys(previous: dict[str, Any], current: dict[str, Any]) -> list[str]
     old, new = _leaves(previous), _leaves(current)
     changes = []
     for key in sorted(old.keys() | new.keys()):
-        if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_KEYS):
-            before, after = old.get(key, _MISSING), new.get(key, _MISSING)
-            if before != after:
-                changes.append(f"{key}: {before} -> {after}")
+        before, after = old.get(key, _MISSING), new.get(key, _MISSING)
+        if any(f"{key}.".startswith(f"{fixed}.") for fixed in FIXED_KEYS) and before != after:
+            changes.append(f"{key}: {before} -> {after}")
     return changes
 
 
@@ -119,12 +102,9 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def prepare_in_place(resume: Resume, config: dict[str, Any], run_dir: Path) -> dict[str, list] | None:
-    """Check that `config` (resolved) may continue the run, tidy what a kill left; return the split.
-
-    The previous config comes from the checkpoint: Hydra has already replaced `.hydra/config.yaml`
-    with this launch's config when training code runs."""
-    changes = changed_keys(resume.run_config, config) if resume.run_config else []
-    if changes:
+    """Check that `config` (resolved) may continue the run, tidy what a kill left; return the split. The
+    previous config comes from the checkpoint: Hydra has already replaced `.hydra/config.yaml`."""
+    if resume.run_config and (changes := changed_keys(resume.run_config, config)):
         raise UserError(
             f"cannot resume {run_dir} in place: the config changes what the run was started with "
             f"(the data split or the network):\n  " + "\n  ".join(changes) + "\n"
@@ -135,20 +115,17 @@ def prepare_in_place(resume: Resume, config: dict[str, Any], run_dir: Path) -> d
     run.remove_stale_tmp()
     if resume.split is not None:
         return resume.split
-    split_file = run.split_json
-    if split_file.is_file():
+    if run.split_json.is_file():
         return run.read_split()
     log.warning(
-        "%s holds no split and %s is missing: the split is recomputed from the config",
-        resume.path,
-        split_file,
+        f"{resume.path} holds no split and {run.split_json} is missing: "
+        "the split is recomputed from the config"
     )
     return None
 
 
 def wandb_run_id(run_dir: Path, in_place: bool) -> str:
-    """The W&B run id of the run in `run_dir`: the stored one when resuming in place, else a new one
-    (stored, so a later resume continues the same W&B run)."""
+    """The stored W&B run id when resuming in place, else a new one, stored for a later resume."""
     id_file = RunDir(run_dir).wandb_run_id
     if in_place and id_file.is_file():
         return id_file.read_text().strip()

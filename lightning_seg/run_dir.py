@@ -1,22 +1,20 @@
-"""A training run's folder: what lies where, how files in it are written, its split and checkpoints.
-
-Every command that reads or writes a run (training, resume, validate, evaluate, the study's report,
-dashboard and benchmarks) goes through `RunDir`, so the layout is spelled out once:
+"""A training run's folder. Every command that reads or writes a run goes through `RunDir`, so the layout is
+spelled out once; files are written whole or not at all (`open_atomic`: under a hidden `tmp_path` beside the
+target, then renamed; a resume in place removes the temporaries a kill left).
 
     RUN/checkpoints/last.ckpt, best-*.ckpt   RUN/csv/metrics.csv      RUN/split.json
     RUN/environment.json                     RUN/final_metrics.json   RUN/.hydra/config.yaml
     RUN/hpc_ckpt_*.ckpt (SLURM requeue)      RUN/wandb/run_id         RUN/time_to_accuracy.json
-
-Files are written whole or not at all (`write_atomic`): beside their target under a hidden temporary
-name (`tmp_path`), then renamed; a resume in place removes the temporaries a kill left.
 """
 
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lightning_seg.data.layout import case_name
 from lightning_seg.errors import ConfigError, MissingFileError
@@ -27,58 +25,53 @@ _TMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 
 def tmp_path(path: str | Path) -> Path:
-    """The file written before it takes `path`'s place: hidden, in the same folder (so the rename stays
-    on one filesystem), named by the writing process, not ending in `.ckpt` (no one takes it for a
-    checkpoint)."""
+    """Hidden, beside `path` (the rename stays on one filesystem), per process, not taken for a `.ckpt`."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """`path.write_text(text)`, but a kill leaves the old content or the new, never half a file."""
+@contextmanager
+def open_atomic(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """`open(path, mode)` through `tmp_path`: a kill or an error leaves the old content or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **kwargs) as file:
+            yield file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    with open_atomic(path) as file:
+        file.write(text)
 
 
 def write_json(path: str | Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2))
 
 
-def remove_stale_tmp(folder: Path) -> None:
-    """Delete the half-written files (`tmp_path`) a killed process left in `folder`."""
-    for stale in folder.glob(".*.tmp"):
-        if _TMP.match(stale.name):
-            log.info("removing %s, left by a process killed while writing it", stale)
-            stale.unlink(missing_ok=True)
-
-
-class _Part:
-    """A file or folder of the run, by its path relative to the run dir (read as a `Path`)."""
-
-    def __init__(self, relative: str) -> None:
-        self.relative = relative
-
-    def __get__(self, run: "RunDir | None", owner: type) -> "Path | _Part":
-        return self if run is None else run.path / self.relative
+def _part(relative: str) -> property:
+    return property(lambda run: run.path / relative)
 
 
 class RunDir:
     """The folder of one training run (`paths.output_dir`, Hydra's run dir)."""
 
-    checkpoints = _Part("checkpoints")
-    last_checkpoint = _Part("checkpoints/last.ckpt")
-    metrics_csv = _Part("csv/metrics.csv")
-    hparams_yaml = _Part("csv/hparams.yaml")
-    config_yaml = _Part(".hydra/config.yaml")
-    split_json = _Part("split.json")
-    environment_json = _Part("environment.json")
-    final_metrics_json = _Part("final_metrics.json")
-    time_to_accuracy_json = _Part("time_to_accuracy.json")
-    val_images = _Part("val_images")
-    wandb_run_id = _Part("wandb/run_id")
+    checkpoints = _part("checkpoints")
+    last_checkpoint = _part("checkpoints/last.ckpt")
+    metrics_csv = _part("csv/metrics.csv")
+    hparams_yaml = _part("csv/hparams.yaml")
+    config_yaml = _part(".hydra/config.yaml")
+    split_json = _part("split.json")
+    environment_json = _part("environment.json")
+    final_metrics_json = _part("final_metrics.json")
+    time_to_accuracy_json = _part("time_to_accuracy.json")
+    val_images = _part("val_images")
+    wandb_run_id = _part("wandb/run_id")
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -97,8 +90,12 @@ class RunDir:
         return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
     def remove_stale_tmp(self) -> None:
+        """Delete the half-written files (`tmp_path`) a killed process left."""
         for folder in (self.path, self.checkpoints, self.metrics_csv.parent):
-            remove_stale_tmp(folder)
+            for stale in folder.glob(".*.tmp"):
+                if _TMP.match(stale.name):
+                    log.info("removing %s, left by a process killed while writing it", stale)
+                    stale.unlink(missing_ok=True)
 
     def write_split(self, split: dict[str, list]) -> None:
         write_atomic(self.split_json, json.dumps(split, indent=1))

@@ -1,16 +1,5 @@
-"""Per-case segmentation scores (Dice, 95% Hausdorff distance in mm, volumes) and their summary.
-
-What is scored: each foreground label, or, for a task the literature scores by regions (unions of
-labels: brain_tumour's whole tumour, tumour core and enhancing tumour, `task.regions`), the regions.
-Training's `val/dice` scores the same structures (`structure_masks` builds both).
-
-Empty structures follow the rule training's `val/dice` uses (torchmetrics' DiceScore), as nnU-Net does:
-- reference and prediction both empty: no score (NaN), left out of that label's mean, so a label a
-  case does not have neither inflates nor lowers the result; a label no case has is left out of the
-  foreground mean;
-- exactly one of them empty: Dice 0, HD95 = the image diagonal in mm (the worst possible
-  distance), so a missed or hallucinated structure is penalised rather than dropped.
-"""
+"""Per-case segmentation scores (Dice, 95% Hausdorff distance in mm, volumes) and their summary, of each
+foreground label or region (`task.regions`: unions of labels), empty ones as training's `val/dice` does."""
 
 import warnings
 from pathlib import Path
@@ -27,8 +16,7 @@ Regions = dict[str, list[int]]  # region name -> the label values it unites
 
 
 def scored_structures(labels: list[str], regions: Regions | None = None) -> Regions:
-    """Name -> label values of what is scored: the regions when given, else each foreground label
-    (labels[0] is background)."""
+    """Name -> label values: the regions when given, else each foreground label."""
     if regions:
         structures = {str(name): [int(v) for v in values] for name, values in regions.items()}
         for name, values in structures.items():
@@ -43,50 +31,30 @@ def scored_structures(labels: list[str], regions: Regions | None = None) -> Regi
 
 def structure_masks(index_map: torch.Tensor, structures: Regions) -> torch.Tensor:
     """(batch, structures, *spatial) masks of a (batch, *spatial) label map."""
-    return torch.stack(
-        [
-            torch.isin(index_map, torch.tensor(values, device=index_map.device))
-            for values in structures.values()
-        ],
-        dim=1,
-    )
+    return torch.stack([torch.isin(index_map, index_map.new_tensor(v)) for v in structures.values()], dim=1)
 
 
 def score_case(
     pred: np.ndarray, ref: np.ndarray, spacing, labels: list[str], regions: Regions | None = None
 ) -> dict[str, float]:
-    """Scores of one case for every scored structure (`scored_structures`)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     diagonal_mm = float(np.linalg.norm(np.array(ref.shape) * np.array(spacing)))
     scores = {}
     for name, values in scored_structures(labels, regions).items():
-        p, r = np.isin(pred, values), np.isin(ref, values)
+        p, r = (torch.from_numpy(np.isin(index_map, values))[None, None] for index_map in (pred, ref))
         n_p, n_r = int(p.sum()), int(r.sum())
-        if n_p == 0 and n_r == 0:
-            dice = hd95 = float("nan")
-        elif n_p == 0 or n_r == 0:
-            dice, hd95 = 0.0, diagonal_mm
+        # both empty: NaN, no score, left out of the means; one empty (missed, hallucinated): the worst scores
+        if n_p == 0 or n_r == 0:
+            dice, hd95 = (float("nan"), float("nan")) if n_p == n_r else (0.0, diagonal_mm)
         else:
-            dice = 2.0 * float(np.logical_and(p, r).sum()) / (n_p + n_r)
+            dice = 2.0 * float((p & r).sum()) / (n_p + n_r)
             with warnings.catch_warnings():
                 # MONAI 1.5+ passes its own deprecated get_mask_edges(always_return_as_numpy=...) here
                 warnings.filterwarnings("ignore", message=r".*get_mask_edges.always_return_as_numpy")
-                hd95 = float(
-                    compute_hausdorff_distance(
-                        torch.from_numpy(p)[None, None],
-                        torch.from_numpy(r)[None, None],
-                        percentile=95,
-                        spacing=list(map(float, spacing)),
-                    )[0, 0]
-                )
-        scores.update(
-            {
-                f"dice_{name}": dice,
-                f"hd95_{name}": hd95,
-                f"pred_ml_{name}": n_p * voxel_ml,
-                f"ref_ml_{name}": n_r * voxel_ml,
-            }
-        )
+                spacing_mm = list(map(float, spacing))
+                hd95 = float(compute_hausdorff_distance(p, r, percentile=95, spacing=spacing_mm)[0, 0])
+        scores |= {f"dice_{name}": dice, f"hd95_{name}": hd95}
+        scores |= {f"pred_ml_{name}": n_p * voxel_ml, f"ref_ml_{name}": n_r * voxel_ml}
     return scores
 
 
@@ -104,27 +72,20 @@ def score_files(
             )
         if not np.allclose(pred_img.affine, ref_img.affine, atol=1e-3):
             raise ValueError(f"{pred_path}: affine differs from the reference's ({ref_path})")
-        pred = np.rint(np.asanyarray(pred_img.dataobj)).astype(np.int64)
-        ref = np.rint(np.asanyarray(ref_img.dataobj)).astype(np.int64)
-        rows.append(
-            {"case": ref_path.name, **score_case(pred, ref, ref_img.header.get_zooms()[:3], labels, regions)}
-        )
+        pred, ref = (np.rint(np.asanyarray(img.dataobj)).astype(np.int64) for img in (pred_img, ref_img))
+        spacing = ref_img.header.get_zooms()[:3]
+        rows.append({"case": ref_path.name, **score_case(pred, ref, spacing, labels, regions)})
     return pd.DataFrame(rows)
 
 
 def summarize(per_case: pd.DataFrame, labels: list[str], regions: Regions | None = None) -> dict:
-    """Mean, std, median per scored structure and metric over the cases that score it (`scored`);
-    foreground mean over the structures some case scores. No score at all is None (null in JSON).
-    `labels` holds the structures (the regions when the task has them: `scored_by`)."""
+    """Mean, std, median per structure and metric over the cases scoring it, foreground mean; NaN: None."""
     summary: dict = {"cases": len(per_case), "scored_by": "regions" if regions else "labels", "labels": {}}
     for name in scored_structures(labels, regions):
-        summary["labels"][name] = {"scored": int(per_case[f"dice_{name}"].notna().sum())} | {
-            metric: {
-                "mean": _number(per_case[f"{metric}_{name}"].mean()),
-                "std": _number(per_case[f"{metric}_{name}"].std(ddof=0)),
-                "median": _number(per_case[f"{metric}_{name}"].median()),
-            }
-            for metric in ("dice", "hd95")
+        columns = {metric: per_case[f"{metric}_{name}"] for metric in ("dice", "hd95")}
+        summary["labels"][name] = {"scored": int(columns["dice"].notna().sum())} | {
+            metric: {"mean": _number(c.mean()), "std": _number(c.std(ddof=0)), "median": _number(c.median())}
+            for metric, c in columns.items()
         }
     for metric in ("dice", "hd95"):
         means = [s[metric]["mean"] for s in summary["labels"].values() if s[metric]["mean"] is not None]
@@ -139,26 +100,23 @@ def _number(value: float) -> float | None:
 def summary_markdown(summary: dict, title: str) -> str:
     kind = "region" if summary.get("scored_by") == "regions" else "label"
     lines = [
-        f"# {title}",
-        "",
+        f"# {title}\n",
         f"{summary['cases']} cases. Dice and HD95 (mm) per {kind}: mean ± std (median), over the cases "
-        f"that have the {kind} in the reference or the prediction (scored).",
-        "",
+        f"that have the {kind} in the reference or the prediction (scored).\n",
         f"| {kind} | scored | Dice | HD95 (mm) |",
         "| --- | --- | --- | --- |",
-    ]
-    for name, s in summary["labels"].items():
-        d, h = s["dice"], s["hd95"]
-        lines.append(
-            f"| {name} | {s['scored']} | {_text(d['mean'], '.4f')} ± {_text(d['std'], '.4f')} "
-            f"({_text(d['median'], '.4f')}) | {_text(h['mean'], '.2f')} ± {_text(h['std'], '.2f')} "
-            f"({_text(h['median'], '.2f')}) |"
-        )
-    lines.append(
+        *(
+            f"| {name} | {s['scored']} | {_stats(s['dice'], '.4f')} | {_stats(s['hd95'], '.2f')} |"
+            for name, s in summary["labels"].items()
+        ),
         f"| **foreground mean** | | **{_text(summary['foreground_mean_dice'], '.4f')}** "
-        f"| {_text(summary['foreground_mean_hd95'], '.2f')} |"
-    )
+        f"| {_text(summary['foreground_mean_hd95'], '.2f')} |",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _stats(s: dict, spec: str) -> str:
+    return f"{_text(s['mean'], spec)} ± {_text(s['std'], spec)} ({_text(s['median'], spec)})"
 
 
 def _text(value: float | None, spec: str) -> str:

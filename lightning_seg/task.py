@@ -1,14 +1,10 @@
-"""The task config's schema: every key a `conf/task/<name>.yaml` may set, its type and its default.
+"""The task config's schema: every key a `conf/task/<name>.yaml` may set (`defaults: [_schema@task, _self_]`).
 
-Each task file starts from it (`defaults: [_schema@task, _self_]`), so a task file holds only what
-differs: a misspelled key fails when Hydra composes the config (`Key 'pach_size' not in 'TaskConfig'`),
-a wrongly typed value too, and a required key left unset is named by `check_task` before anything runs.
-"""
+A misspelled key or a wrong type fails when Hydra composes; `check_task` names the unset required keys."""
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lightning_seg.errors import ConfigError
@@ -16,9 +12,8 @@ from lightning_seg.errors import ConfigError
 
 @dataclass
 class NormalizationConfig:
-    # zscore_nonzero (MRI: per case and channel, on the non-zero voxels) | zscore (the same, every voxel)
-    # | ct_window (an HU window scaled to [0, 1]) | ct_zscore (nnU-Net's CT: clip, then the dataset's
-    # foreground mean and std) | percentile
+    # zscore_nonzero (MRI: per case and channel, on the non-zero voxels) | zscore (the same, every voxel) |
+    # ct_window (an HU window to [0, 1]) | ct_zscore (nnU-Net's CT: clip, foreground z-score) | percentile
     kind: str = MISSING
     a_min: float | None = None  # ct_window, ct_zscore: the HU window (ct_window scales it to [0, 1])
     a_max: float | None = None
@@ -44,9 +39,8 @@ class TaskConfig:
     # the task folder (MSD or nnU-Net v2 raw: dataset.json, imagesTr/, labelsTr/) under paths.data_dir,
     # or an absolute path (lightning-seg-new-task writes one)
     msd_folder: str = MISSING
-    download: bool = (
-        False  # true fetches the official MSD archive (MONAI's URL and MD5) when the folder is missing
-    )
+    # true fetches the official MSD archive (MONAI's URL and MD5) when the folder is missing
+    download: bool = False
     url: str | None = None  # null: MONAI's URL for msd_folder
     md5: str | None = None
     synthetic: SyntheticConfig | None = None  # set: the folder is a phantom written on first use
@@ -66,14 +60,9 @@ class TaskConfig:
     val_every_n_epochs: int = 10
 
 
-def register() -> None:
-    ConfigStore.instance().store(group="task", name="_schema", node=TaskConfig)
-
-
 def check_task(cfg: DictConfig) -> None:
     """Stop with one message naming every required task key the composed config leaves unset."""
-    missing = sorted(OmegaConf.missing_keys(cfg.task))
-    if missing:
+    if missing := sorted(OmegaConf.missing_keys(cfg.task)):
         keys = ", ".join(f"task.{key}" for key in missing)
         name = OmegaConf.select(cfg, "task.name", default="<name>")
         raise ConfigError(f"{keys}: not set; give it in conf/task/{name}.yaml or on the command line")

@@ -11,6 +11,5 @@ LIGHTNING_OWN_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 def build_trainer(cfg: DictConfig, **overrides: Any) -> Trainer:
-    """The Trainer of `cfg.trainer` with `overrides` (callbacks, logger, limits): an override of
-    `trainer.*` means the same in training, validation and the benchmark."""
+    """`cfg.trainer` with `overrides` (callbacks, logger, limits): `trainer.*` means the same everywhere."""
     return instantiate(cfg.trainer, **overrides)

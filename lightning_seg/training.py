@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_seg.config import CONFIG_DIR
+from lightning_seg.data.datamodule import SPLIT_KEY
 from lightning_seg.distributed import prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info, known_problems
@@ -29,10 +30,8 @@ log = logging.getLogger(__name__)
 
 # Lightning warnings a resume expects, filtered only around a resumed fit
 RESUME_WARNINGS = (
-    # in place: the run's own checkpoints are there
-    r"Checkpoint directory .* exists and is not empty",
-    # a last.ckpt from the middle of an epoch: the rest of that epoch draws its random patches from a
-    # fresh shuffle, which is what every epoch does anyway
+    r"Checkpoint directory .* exists and is not empty",  # in place: the run's own checkpoints are there
+    # a mid-epoch last.ckpt: the rest of the epoch draws its patches from a fresh shuffle, as every epoch does
     r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 
@@ -46,43 +45,38 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit the configured module on the configured task; return final metrics and the objects.
-
-    `ckpt_path=last` continues the run in `paths.output_dir` (see lightning_seg.resume); a checkpoint
-    from another dir starts a new run from it. A run stopped by SIGTERM exits with status 143 after
-    writing `last.ckpt`."""
+    """Fit; return final metrics and the objects. `ckpt_path`: see lightning_seg.resume. A run stopped by
+    SIGTERM exits with status 143 after writing `last.ckpt`."""
     check_task(cfg)
     run = RunDir(cfg.paths.output_dir)
-    output_dir = run.path
-    resume = find_checkpoint(cfg.ckpt_path, output_dir)
+    resume = find_checkpoint(cfg.ckpt_path, run.path)
     in_place = resume is not None and resume.in_place
+    run.path.mkdir(parents=True, exist_ok=True)
     precision_auto = None
     if str(cfg.precision) == AUTO:  # measured once per node (the local rank 0 process); the others wait
-        output_dir.mkdir(parents=True, exist_ok=True)
         saved = resume.run_config.get("precision_auto") if in_place else None
         choose = get_method(cfg.auto_precision.choose)  # the study's probe, named by the config
-        precision_auto = prepare_once_per_node(lambda: choose(cfg, saved), output_dir, name="precision-auto")
+        precision_auto = prepare_once_per_node(lambda: choose(cfg, saved), run.path, name="precision-auto")
         cfg.precision, cfg.inference_precision = (precision_auto[k] for k in ("train", "inference_precision"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if precision_auto is not None:  # in the checkpoints and the model card
         resolved["precision_auto"] = precision_auto
     # before anything is written: a resume whose config no longer fits the run stops here
-    saved_split = prepare_in_place(resume, resolved, output_dir) if in_place else None
+    saved_split = prepare_in_place(resume, resolved, run.path) if in_place else None
     # a resumed run draws new random patches instead of replaying those the run started with
     seed_everything(cfg.seed + (resume.global_step if resume else 0), workers=True)
     set_tf32(uses_tf32(cfg.precision))
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     # the network first: a patch it cannot take fails in seconds, not after the dataset check
     module = instantiate(cfg.module)
     datamodule = instantiate(cfg.data, **({"split": saved_split} if saved_split is not None else {}))
     # every case checked, once per node: a broken dataset fails here, before anything is written
-    prepare_once_per_node(datamodule.prepare_data, output_dir)
+    prepare_once_per_node(datamodule.prepare_data, run.path)
     datamodule.assign_split()  # the datasets are built in each process by Lightning's setup hook
     # set afterwards: passed to instantiate, its _target_ entries would be instantiated too
     module.hparams["run_config"] = resolved
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    loggers = [_logger(c, output_dir, resume) for c in cfg.logger.values() if c]
+    loggers = [_logger(c, run.path, resume if in_place else None) for c in cfg.logger.values() if c]
     trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers)
 
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
@@ -100,32 +94,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         env["batch"],
     )
     if trainer.is_global_zero:  # one run dir: the other processes of a DDP run write nothing here
-        run.write_split(
-            {"train": datamodule.train_cases, "val": datamodule.val_cases, "test": datamodule.test_cases}
-        )
+        run.write_split(datamodule.state_dict()[SPLIT_KEY])  # the split every checkpoint holds too
         write_json(run.environment_json, env)
     for logger in loggers:
         logger.log_hyperparams({**resolved, "env": env})
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=LIGHTNING_OWN_DEPRECATION)
-            if resume is not None:
-                for message in RESUME_WARNINGS:
-                    warnings.filterwarnings("ignore", message=message)
+            for message in (LIGHTNING_OWN_DEPRECATION, *(RESUME_WARNINGS if resume is not None else ())):
+                warnings.filterwarnings("ignore", message=message)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
     except SIGTERMException as stop:  # Lightning stops the loop on SIGTERM with SystemExit(None): status 0
         log.warning(
-            "stopped by SIGTERM at step %d; continue with: python train.py <same overrides> "
-            "hydra.run.dir=%s ckpt_path=last",
-            trainer.global_step,
-            output_dir,
+            f"stopped by SIGTERM at step {trainer.global_step}; continue with: python train.py "
+            f"<same overrides> hydra.run.dir={run.path} ckpt_path=last"
         )
         raise SystemExit(128 + signal.SIGTERM) from stop
     except Exception as err:
         if user_message(err, cfg) is None:  # a bug: its traceback belongs in the log
-            log.exception("training failed; run dir: %s", output_dir)
+            log.exception("training failed; run dir: %s", run.path)
         else:  # the entry point prints the message alone
-            log.error("training stopped; run dir: %s", output_dir)
+            log.error("training stopped; run dir: %s", run.path)
         raise
     finally:
         # what compile, the fused optimizer and an automatic batch became is known once fit has started
@@ -149,28 +137,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def batch_sizes(per_device: int | str, trainer: Trainer) -> dict[str, int | str]:
-    """`data.batch_size` counts patches per process and step; what an optimizer step sees in all
-    (`auto` until the study's AutoBatch callback has chosen it)."""
-    accumulate = trainer.accumulate_grad_batches
-    numeric = isinstance(per_device, int)
-    return {
-        "per_device": per_device,
-        "processes": trainer.world_size,
-        "accumulate": accumulate,
-        "global": per_device * trainer.world_size * accumulate if numeric else per_device,
-    }
+    """Patches per process and step (`auto` until the study's AutoBatch has chosen) and per optimizer step."""
+    processes, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+    total = per_device * processes * accumulate if isinstance(per_device, int) else per_device
+    return {"per_device": per_device, "processes": processes, "accumulate": accumulate, "global": total}
 
 
-def _logger(config: DictConfig, output_dir: Path, resume: Resume | None):
-    """One configured logger; a resume in place continues the run's metrics.csv and W&B run."""
-    in_place = resume is not None and resume.in_place
-    target = get_class(config._target_)
-    if issubclass(target, WandbLogger):
-        run_id = config.get("id") or wandb_run_id(output_dir, in_place)
+def _logger(config: DictConfig, output_dir: Path, in_place: Resume | None):
+    """One configured logger; a resume `in_place` continues the run's metrics.csv and W&B run."""
+    if issubclass(get_class(config._target_), WandbLogger):
+        run_id = config.get("id") or wandb_run_id(output_dir, in_place is not None)
         return instantiate(config, id=run_id, resume="allow")
     logger = instantiate(config)
-    if in_place and isinstance(logger, ResumableCSVLogger):
-        logger.continue_before(resume.global_step)
+    if in_place is not None and isinstance(logger, ResumableCSVLogger):
+        logger.continue_before(in_place.global_step)
     return logger
 
 

@@ -39,44 +39,28 @@ def validate(cfg: DictConfig) -> dict:
     # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
     precision = str(cfg.precision or run.get("inference_precision") or run["precision"])
     set_tf32(uses_tf32(precision))
-
     module = instantiate(run["module"], inference_precision=precision)
     # the weights alone: validation needs none of the training state a Trainer would restore
     module.load_state_dict(checkpoint["state_dict"])
-    data = OmegaConf.merge(run["data"], cfg.data)
-    datamodule = instantiate(data, split=saved_split(ckpt_path, checkpoint, cfg.split))
+    if cfg.split is None:  # the run's split: in the checkpoint, else in its run's split.json
+        split = split_in_checkpoint(checkpoint) or RunDir.of_checkpoint(ckpt_path).read_split()
+    elif Path(cfg.split).is_file():
+        split = json.loads(Path(cfg.split).read_text())
+    else:
+        raise MissingFileError(f"split={Path(cfg.split)}: no such file")
+    datamodule = instantiate(OmegaConf.merge(run["data"], cfg.data), split=split)
     prepare_once_per_node(datamodule.prepare_data, output_dir)
-    trainer = build_trainer(
-        cfg,
-        precision=trainer_precision(precision),
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    validation_only = dict(logger=False, callbacks=[], enable_checkpointing=False, enable_model_summary=False)
+    trainer = build_trainer(cfg, precision=trainer_precision(precision), **validation_only)
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
     (results,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {
-        "ckpt_path": str(ckpt_path.resolve()),
-        "cases": len(datamodule.val_cases),
-        "processes": trainer.world_size,
-        "precision": str(precision),
-        **{key: float(value) for key, value in results.items()},
-    }
+    metrics = {"ckpt_path": str(ckpt_path.resolve()), "cases": len(datamodule.val_cases)}
+    metrics |= {"processes": trainer.world_size, "precision": precision}
+    metrics |= {key: float(value) for key, value in results.items()}
     if trainer.is_global_zero:
         write_json(output_dir / "val_metrics.json", metrics)
         log.info("val/dice %.4f over %d cases -> %s", metrics["val/dice"], metrics["cases"], output_dir)
     return metrics
-
-
-def saved_split(ckpt_path: Path, checkpoint: dict, split_file: str | None) -> dict:
-    """The run's split: from `split_file`, else from the checkpoint, else from its run's split.json."""
-    if split_file is not None:
-        path = Path(split_file)
-        if not path.is_file():
-            raise MissingFileError(f"split={path}: no such file")
-        return json.loads(path.read_text())
-    return split_in_checkpoint(checkpoint) or RunDir.of_checkpoint(ckpt_path).read_split()
 
 
 if __name__ == "__main__":

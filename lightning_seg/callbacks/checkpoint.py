@@ -17,27 +17,17 @@ log = logging.getLogger(__name__)
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint (best by the monitored metric, `last.ckpt`) made safe to be killed:
-
-    - `last.ckpt` at every validation, improved or not (Lightning 2.6 rewrites it only with a new
-      top-k), and every `every_min` minutes of training (alone: Lightning's `train_time_interval`
-      would rank a stale metric into the top k), never on an epoch's last batch;
-    - `last.ckpt` at the run's last step: where it stops in the middle of an epoch (max_steps,
-      max_time) or after an epoch without validation, no validation writes it;
-    - on SIGTERM, `last.ckpt` before the process ends, unless it holds the current step already
-      (during a validation the earlier one stays: Lightning resumes a mid-validation checkpoint by
-      skipping that validation);
-    - the loggers flushed before each checkpoint; a replaced best deleted only once `last.ckpt`
-      (which names the new best) is written; after a resume in place, checkpoints its state does not
-      know (written by steps the kill threw away) deleted.
-
-    Files are made atomic by the Trainer's `AtomicCheckpointIO` plugin.
-    """
+    """Lightning's ModelCheckpoint (best by the monitor, `last.ckpt`) made safe to be killed: `last.ckpt` at
+    every validation, improved or not (Lightning 2.6 rewrites it only with a new top-k), every `every_min`
+    minutes of training (alone: Lightning's `train_time_interval` would rank a stale metric into the top k),
+    at the run's last step (max_steps, max_time, an epoch without validation) and on SIGTERM, but not during a
+    validation (Lightning resumes a mid-validation checkpoint by skipping that validation); loggers flushed
+    first; a replaced best deleted once `last.ckpt` names the new one. Atomic writes: `AtomicCheckpointIO`."""
 
     @property
     def state_key(self) -> str:
-        # Lightning keys a callback's saved state by its class name: keep ModelCheckpoint's key, so
-        # best score and paths load from checkpoints written before this subclass existed
+        # Lightning keys a callback's state by its class name: ModelCheckpoint's key, so best score and
+        # paths load from checkpoints written before this subclass existed
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def __init__(self, *args: Any, every_min: float | None = None, **kwargs: Any) -> None:
@@ -55,7 +45,6 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._deferred_removals: list[str] = []
         self._resumed_in_place = False
 
-    # -- when last.ckpt is written -------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_written_at = time.monotonic()
@@ -70,13 +59,10 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # validation or the epoch end comes next; a SIGTERM is handled in on_exception
-        # a stop in the middle of an epoch (max_steps, max_time): no validation follows, and Lightning resumes
-        # a checkpoint of this hook exactly as a timed one
-        due = (
-            _stops(trainer)
-            or trainer.received_sigterm
-            or (self.every_s is not None and time.monotonic() - self._last_written_at >= self.every_s)
-        )
+        # a stop mid-epoch (max_steps, max_time): no validation follows, and Lightning resumes a
+        # checkpoint of this hook exactly as a timed one
+        timed = self.every_s is not None and time.monotonic() - self._last_written_at >= self.every_s
+        due = _stops(trainer) or trainer.received_sigterm or timed
         if trainer.world_size > 1:  # one decision for all processes: saving is collective
             due = trainer.strategy.broadcast(due)
         if due and self._last_written_step != trainer.global_step:
@@ -88,12 +74,12 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writes = self._last_writes
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer) and self._last_writes == writes:
-            self._save_last_after_validation(trainer)
-        elif self._last_written_step != trainer.global_step and _stops(trainer, epoch_end=True):
-            # a run ending after an epoch without validation: here, not on the epoch's last batch (Lightning
-            # resumes that one without counting the next epoch's start) nor in on_train_end (resumed with
-            # max_steps, that one skips the next epoch)
+        missed = self._should_save_on_train_epoch_end(trainer) and self._last_writes == writes
+        # a run ending after an epoch without validation: here, not on the epoch's last batch (Lightning
+        # resumes that one without counting the next epoch's start) nor in on_train_end (resumed with
+        # max_steps, that one skips the next epoch)
+        run_ends = self._last_written_step != trainer.global_step and _stops(trainer, epoch_end=True)
+        if missed or run_ends:
             self._save_last_after_validation(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -104,19 +90,12 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if (
-            isinstance(exception, SIGTERMException)
-            and self.save_last
-            and self._may_save(trainer)
-            and self._last_written_step != trainer.global_step
-            and trainer.global_step > 0
-        ):
+        sigterm = isinstance(exception, SIGTERMException) and self.save_last and self._may_save(trainer)
+        if sigterm and trainer.global_step not in (0, self._last_written_step):
             if trainer.validating:
-                # Lightning resumes a checkpoint taken mid-validation by skipping that validation
                 log.warning(
-                    "SIGTERM during validation: last.ckpt stays at step %s, written %.0f s before",
-                    self._last_written_step,
-                    time.monotonic() - self._last_written_at,
+                    f"SIGTERM during validation: last.ckpt stays at step {self._last_written_step}, "
+                    f"written {time.monotonic() - self._last_written_at:.0f} s before"
                 )
             else:
                 log.info("SIGTERM: writing last.ckpt at step %d before stopping", trainer.global_step)
@@ -133,11 +112,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _may_save(trainer: Trainer) -> bool:
-        return (
-            not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        )
+        return not (trainer.fast_dev_run or trainer.sanity_checking) and trainer.state.fn == TrainerFn.FITTING
 
-    # -- what a save does ----------------------------------------------------------------------
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:  # every row logged so far is on disk before the checkpoint
@@ -166,27 +142,22 @@ class ResumableCheckpoint(ModelCheckpoint):
             if filepath not in self.best_k_models and filepath != self.last_model_path:
                 super()._remove_checkpoint(trainer, filepath)
 
-    # -- resume --------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_dir = state_dict.get("dirpath")
-        self._resumed_in_place = bool(saved_dir and self.dirpath and _same_path(saved_dir, self.dirpath))
-        if not self._resumed_in_place:
-            # a new run from another run's checkpoint ranks its own checkpoints, in its own folder
+        same = saved_dir and self.dirpath and os.path.realpath(saved_dir) == os.path.realpath(self.dirpath)
+        self._resumed_in_place = bool(same)
+        if same:  # the same folder spelled differently (relative, through a symlink) is the same folder
+            super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+        else:  # a new run from another run's checkpoint ranks its own checkpoints, in its own folder
             log.info(
                 "checkpoint from %s: best checkpoint tracking starts anew in %s", saved_dir, self.dirpath
             )
-            return
-        # the same folder spelled differently (relative, through a symlink) is the same folder
-        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
 
     def _remove_unknown_checkpoints(self, trainer: Trainer) -> None:
         """After a resume in place: delete the checkpoints the restored state does not know, written
         after the checkpoint this run resumed from (a best replaced, a kill before last.ckpt followed)."""
-        known = {
-            os.path.realpath(p)
-            for p in [*self.best_k_models, self.best_model_path, self.last_model_path, trainer.ckpt_path]
-            if p
-        }
+        tracked = [*self.best_k_models, self.best_model_path, self.last_model_path, trainer.ckpt_path]
+        known = {os.path.realpath(p) for p in tracked if p}
         for path in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}"):
             if path.name.startswith(self.CHECKPOINT_NAME_LAST) or os.path.realpath(path) in known:
                 continue
@@ -195,15 +166,11 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 
 def _stops(trainer: Trainer, epoch_end: bool = False) -> bool:
-    """Whether fit stops after this training batch, or in on_train_epoch_end after this epoch: the fit
-    loop's own tests (max_time's Timer has set should_stop before the checkpoint callbacks run)."""
+    """Whether fit stops after this training batch, or (`epoch_end`) after this epoch: the fit loop's
+    own tests (max_time's Timer has set should_stop before the checkpoint callbacks run)."""
     fit = trainer.fit_loop
     return (
         _is_max_limit_reached(trainer.global_step, trainer.max_steps)
         or (trainer.should_stop and fit._can_stop_early)
         or (epoch_end and _is_max_limit_reached(fit.epoch_progress.current.processed, fit.max_epochs))
     )
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)

@@ -1,12 +1,6 @@
-"""A learning-rate schedule that knows the run's budget, so a run of any length ends converged.
-
-"Budgeted Training" (Li et al., ICLR 2020): with a fixed budget, decaying the rate linearly (or by
-nnU-Net's poly) to zero exactly at the budget's end beats a constant rate and schedules tuned for
-another length. The budget is whichever limit stops the run: `trainer.max_time` on Lightning's own
-clock for it (the Timer callback, validation included), `trainer.max_steps`, or `trainer.max_epochs`
-(Lightning's `estimated_stepping_batches` covers the last two). Torch's schedulers count steps or
-epochs only; a clock-driven rate is written here.
-"""
+"""A learning-rate schedule that knows the run's budget: "Budgeted Training" (Li et al., ICLR 2020) finds
+decaying the rate linearly (or by nnU-Net's poly) to zero exactly at the budget's end beats a constant rate
+and schedules tuned for another length. Torch's schedulers count steps or epochs only, hence a callback."""
 
 import logging
 import math
@@ -22,10 +16,10 @@ KINDS = ("constant", "linear", "poly")
 
 
 class BudgetSchedule(Callback):
-    """Before every training step, sets each parameter group's rate to its initial rate times
-    `decay(progress)`: `constant` 1, `linear` 1 - p, `poly` (1 - p) ** power, where p in [0, 1] is
-    the share of the budget used. Resumes continue the schedule (progress comes from the restored
-    step count and Timer). Put it before LearningRateMonitor, which then logs the rate of the step."""
+    """Before every training step, sets each parameter group's rate to its initial rate times `decay(p)`:
+    `constant` 1, `linear` 1 - p, `poly` (1 - p) ** power, p in [0, 1] the share used of the budget that stops
+    the run: `max_time` (Lightning's Timer, validation included) or the steps of `max_steps` / `max_epochs`.
+    Resumes continue it. Put it before LearningRateMonitor, which then logs the step's rate."""
 
     def __init__(self, kind: str = "constant", power: float = 0.9) -> None:
         if kind not in KINDS:
@@ -49,9 +43,7 @@ class BudgetSchedule(Callback):
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])  # saved with the optimizer: a resume keeps it
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
         if self.kind == "constant":
             return
         factor = self.decay(self.progress(trainer))
@@ -66,8 +58,7 @@ class BudgetSchedule(Callback):
     def progress(self, trainer: Trainer) -> float:
         """Share of the budget used: the larger of the clock's and the step count's."""
         shares = [0.0]
-        timer = self._timer(trainer)
-        if timer is not None:
+        if timer := self._timer(trainer):
             elapsed = timer.time_elapsed()
             shares.append(elapsed / (elapsed + timer.time_remaining()))
         total_steps = trainer.estimated_stepping_batches
@@ -77,6 +68,6 @@ class BudgetSchedule(Callback):
 
     @staticmethod
     def _timer(trainer: Trainer) -> Timer | None:
-        """Lightning's Timer for `max_time` (it adds one when max_time is set)."""
+        # Lightning adds a Timer when max_time is set
         timers = (c for c in trainer.callbacks if isinstance(c, Timer))
         return next((t for t in timers if t.time_remaining() is not None), None)

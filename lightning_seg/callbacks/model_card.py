@@ -10,8 +10,7 @@ from lightning_seg.environment import environment_info
 
 
 class ModelCard(Callback):
-    """Writes `model_card.json` into the best checkpoint's folder when training ends: task,
-    labels, preprocessing, patch, precision, data used, validation Dice, versions."""
+    """Writes `model_card.json` into the best checkpoint's folder when training ends."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -21,6 +20,7 @@ class ModelCard(Callback):
         task = config.get("task", {})
         datamodule = trainer.datamodule
         network = config.get("model", {}).get("_target_", "").rsplit(".", 1)[-1]
+        cases = {f"{s}_cases": len(getattr(datamodule, f"{s}_cases", [])) for s in ("train", "val", "test")}
         card = {
             "name": f"lightning_seg {task.get('name')} {network}",
             "checkpoint": Path(checkpoint.best_model_path).name,
@@ -37,12 +37,7 @@ class ModelCard(Callback):
             "inference_precision": config.get("inference_precision") or config.get("precision"),
             # precision=auto's probe: each precision's timings on the training device, and its choice
             "precision_auto": config.get("precision_auto"),
-            "data": {
-                "task_dir": str(getattr(datamodule, "task_dir", "")),
-                "train_cases": len(getattr(datamodule, "train_cases", [])),
-                "val_cases": len(getattr(datamodule, "val_cases", [])),
-                "test_cases": len(getattr(datamodule, "test_cases", [])),
-            },
+            "data": {"task_dir": str(getattr(datamodule, "task_dir", "")), **cases},
             "validation": {
                 "metric": checkpoint.monitor,
                 "best": float(checkpoint.best_model_score),

@@ -1,10 +1,7 @@
-"""An exponential moving average (EMA) of the weights for validation, checkpoints and the final model.
-
-Averaging removes the step-to-step noise of validation Dice under a constant learning rate
-(docs/results/hippocampus_ablation_cpu/). Lightning's WeightAveraging does the work (checkpoints hold
-the average as `state_dict`, the raw weights as `current_model_state`); its EMAWeightAveraging has a
-fixed decay, which keeps the random initial weights for hundreds of steps: here the decay warms up.
-"""
+"""An EMA of the weights for validation, checkpoints and the final model: it removes the step-to-step noise
+of validation Dice under a constant learning rate (docs/results/hippocampus_ablation_cpu/). Lightning's
+WeightAveraging does it (checkpoints: average as `state_dict`, raw weights as `current_model_state`); its
+EMAWeightAveraging's fixed decay keeps the random initial weights for hundreds of steps: ours warms up."""
 
 import warnings
 
@@ -17,10 +14,9 @@ from lightning_seg.errors import ConfigError
 
 
 class WarmupEMA:
-    """AveragedModel's `multi_avg_fn`: EMA with the decay min(decay, (1 + n) / (10 + n)) after n
-    updates (TensorFlow's ExponentialMovingAverage `num_updates` rule), so the average covers about
-    the last 10% of a short run and the last 1 / (1 - decay) steps of a long one. A class, not a
-    closure, so a spawned DDP process can unpickle it."""
+    """AveragedModel's `multi_avg_fn`: EMA with the decay min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's ExponentialMovingAverage `num_updates` rule): the average covers the last ~10% of a short
+    run, 1 / (1 - decay) steps of a long one. A class, not a closure: spawned DDP processes unpickle it."""
 
     def __init__(self, decay: float) -> None:
         self.decay = decay

@@ -1,11 +1,8 @@
-"""Dataset checks: every case of a task folder (either layout, lightning_seg.data.layout) readable
-and consistent with the task config.
+"""Checks, before training, that every case of a task folder (either layout) is readable and fits the
+task config, naming the file of each problem. Passed cases are remembered (by path, size and mtime),
+so later runs load only the files that changed."""
 
-Every problem is found before training starts and reported with the file it concerns.
-Full checks load each case once; their results are remembered (keyed by path, size and
-modification time) so later runs only re-check files that changed.
-"""
-
+import contextlib
 import hashlib
 import json
 import os
@@ -17,20 +14,15 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
-from lightning_seg.data.layout import (
-    DatasetError,
-    declared_channels,
-    declared_labels,
-    image_files,
-    read_datalist,
-    read_dataset_json,
-)
+from lightning_seg.data import layout
+from lightning_seg.data.layout import DatasetError
 from lightning_seg.run_dir import write_atomic
 
 # mm: headers written by different tools differ by rounding; a real mismatch is far larger
 AFFINE_RTOL, AFFINE_ATOL = 1e-3, 1e-2
 # voxel-to-world matrices this ill-conditioned map several voxels to one point (real anisotropy is < 100)
 MAX_AFFINE_CONDITION = 1e6
+LISTED = 20  # problems a DatasetError lists; the rest are counted
 
 
 def check_dataset(
@@ -42,26 +34,29 @@ def check_dataset(
 ) -> list[dict[str, str]]:
     """Check a task folder against the task config; return its cases or raise DatasetError."""
     task_dir = Path(task_dir)
-    meta = read_dataset_json(task_dir)
+    meta = layout.read_dataset_json(task_dir)
     where = task_dir / "dataset.json"
-    declared = declared_labels(meta, where)
+    declared = layout.declared_labels(meta, where)
     if declared is not None and len(declared[0]) != len(labels):
         raise DatasetError(
             f"{where}: declares {len(declared[0])} labels {declared[0]}, "
             f"the task config expects {len(labels)} {list(labels)}"
         )
-    channels = declared_channels(meta)
+    channels = layout.declared_channels(meta)
     if channels is not None and len(channels) != in_channels:
         raise DatasetError(
             f"{where}: declares {len(channels)} input channels {channels}, "
             f"the task config expects in_channels={in_channels}"
         )
-    cases = read_datalist(task_dir)
+    cases = layout.read_datalist(task_dir)
     missing = [p for case in cases for p in case_files(case) if not Path(p).is_file()]
     complete = [case for case in cases if all(Path(p).is_file() for p in case_files(case))]
-
-    memo_path = _memo_path(cache_dir, task_dir, len(labels), in_channels)
-    memo = _read_memo(memo_path)
+    memo, memo_path = {}, None
+    if cache_dir is not None:
+        key = hashlib.sha1(f"{task_dir.resolve()}|{len(labels)}|{in_channels}".encode()).hexdigest()[:16]
+        memo_path = Path(cache_dir) / "checked" / f"{task_dir.name}-{key}.json"
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            memo = json.loads(memo_path.read_text())
     todo = [case for case in complete if memo.get(case["label"]) != _stamp(case)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(pool.map(lambda c: check_case(c, len(labels), in_channels), todo))
@@ -74,12 +69,13 @@ def check_dataset(
         heads = [f"{len(missing)} file(s) listed in {where} do not exist"] if missing else []
         heads += [f"{len(problems)} broken case(s) in {task_dir}"] if problems else []
         lines = [f"{p}: missing" for p in missing] + problems
-        raise DatasetError(_listing(", ".join(heads), lines))
+        more = [f"... and {len(lines) - LISTED} more"] if len(lines) > LISTED else []
+        raise DatasetError("\n  ".join([", ".join(heads) + ":", *lines[:LISTED], *more]))
     return cases
 
 
 def case_files(case: Mapping) -> list[str]:
-    return [*image_files(case["image"]), case["label"]]
+    return [*layout.image_files(case["image"]), case["label"]]
 
 
 def check_case(case: Mapping, num_labels: int, in_channels: int) -> str | None:
@@ -92,18 +88,17 @@ def check_case(case: Mapping, num_labels: int, in_channels: int) -> str | None:
         except Exception as err:  # nibabel raises many types for truncated or foreign files
             return _unreadable(path, err)
     *channels, (label_path, label, label_data) = loaded
+    image_path, image, image_data = channels[0]
     if label_data.ndim == 4 and label_data.shape[3] == 1:  # a trailing singleton axis, as some tools write
         label_data = label_data[..., 0]
     if len(channels) == 1:  # MSD: one file, 3D or channels in dim 4
-        image_path, image, image_data = channels[0]
         count = 1 if image_data.ndim == 3 else image_data.shape[3] if image_data.ndim == 4 else None
         if count != in_channels:
             shape = image_data.shape
             return f"{image_path}: shape {shape}, expected 3D with {in_channels} channel(s) in dim 4"
-    else:  # nnU-Net: one 3D file per channel, on one grid
-        if len(channels) != in_channels:
-            return f"{channels[0][0]}: {len(channels)} channel files, the task config expects {in_channels}"
-        image_path, image, image_data = channels[0]
+    elif len(channels) != in_channels:  # nnU-Net: one 3D file per channel, on one grid
+        return f"{image_path}: {len(channels)} channel files, the task config expects {in_channels}"
+    else:
         for path, img, data in channels:
             if data.ndim != 3:
                 return f"{path}: shape {data.shape}, a channel file must be 3D"
@@ -114,10 +109,8 @@ def check_case(case: Mapping, num_labels: int, in_channels: int) -> str | None:
         return f"{label_path}: shape {label_data.shape}, a label map must be 3D"
     if image_data.shape[:3] != label_data.shape:
         return f"{label_path}: shape {label_data.shape} differs from its image's {image_data.shape[:3]}"
-    for path, img in ((image_path, image), (label_path, label)):
-        problem = singular_affine(path, img)
-        if problem:
-            return problem
+    if problem := singular_affine(image_path, image) or singular_affine(label_path, label):
+        return problem
     if not np.allclose(image.affine, label.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
         diff = float(np.abs(image.affine - label.affine).max())
         return f"{label_path}: affine differs from its image's (max difference {diff:.4g})"
@@ -138,10 +131,9 @@ def check_case(case: Mapping, num_labels: int, in_channels: int) -> str | None:
 
 
 def singular_affine(path: str, img: nib.spatialimages.SpatialImage) -> str | None:
-    """What is wrong with a header that gives no usable voxel-to-world mapping, or None.
-
-    nibabel replaces a zero voxel size by 1 mm on load: where the header has no sform/qform either,
-    the file on disk is read again unchecked, so an invented spacing is not resampled silently."""
+    """What is wrong with a header that gives no usable voxel-to-world mapping, or None. nibabel
+    replaces a zero voxel size by 1 mm on load: without sform/qform the header is read again unchecked,
+    so an invented spacing is not resampled silently."""
     matrix = np.asarray(img.affine, dtype=float)[:3, :3]
     if not np.isfinite(matrix).all() or np.linalg.cond(matrix) > MAX_AFFINE_CONDITION:
         return (
@@ -169,24 +161,5 @@ def _unreadable(path: str, err: Exception) -> str:
     return f"{path}: cannot be read as NIfTI ({type(err).__name__}: {reason}); copy or export it again"
 
 
-def _listing(head: str, lines: list[str], limit: int = 20) -> str:
-    more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
-    return "\n".join([head + ":"] + [f"  {line}" for line in lines[:limit]] + more)
-
-
 def _stamp(case: Mapping) -> list[int]:
     return [n for p in case_files(case) for n in (os.stat(p).st_size, os.stat(p).st_mtime_ns)]
-
-
-def _memo_path(cache_dir, task_dir: Path, num_labels: int, in_channels: int) -> Path | None:
-    if cache_dir is None:
-        return None
-    key = hashlib.sha1(f"{task_dir.resolve()}|{num_labels}|{in_channels}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / "checked" / f"{task_dir.name}-{key}.json"
-
-
-def _read_memo(path: Path | None) -> dict:
-    try:
-        return json.loads(path.read_text()) if path else {}
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -39,18 +39,15 @@ LOADERS = {"torch": DataLoader, "thread": ThreadDataLoader}
 
 
 class MSDDataModule(LightningDataModule):
-    """Train/validation split of an MSD task folder.
+    """Train/validation/test split of a task folder, as cached, patch-sampled datasets.
 
-    `batch_size` counts patches per step: each volume yields `samples_per_volume` random patches.
-    `split` (as `split.json` and checkpoints hold it, cases matched by label file name) replaces the
-    seeded split, so a resumed run trains on the cases it started with. `cache="gpu"` keeps the
-    training volumes on this process's GPU and crops there (MONAI's fast-training recipe).
-
-    Under DDP (the Trainer's `use_distributed_sampler=False`) every validation case is validated by
-    exactly one process, none repeated, so `val/dice` equals a single-process validation. Training
-    cases are shuffled across processes every epoch, or with `cache_shard_per_rank` each process
-    caches and trains on a fixed, seeded 1/N of them.
-    """
+    `batch_size` counts patches per step, `samples_per_volume` per loaded volume. A given `split`
+    (split.json's or a checkpoint's, cases matched by label file name) replaces the seeded one, so a
+    resumed run trains on its cases. `cache="gpu"` keeps the training volumes on this process's GPU and
+    crops there (MONAI's fast-training recipe). Under DDP (`use_distributed_sampler=False`) each
+    validation case is validated by exactly one process, so `val/dice` equals a single-process one;
+    training cases are reshuffled across processes every epoch, or with `cache_shard_per_rank` each
+    process caches and trains on a fixed, seeded 1/N of them."""
 
     def __init__(
         self,
@@ -82,40 +79,31 @@ class MSDDataModule(LightningDataModule):
                 f"data.batch_size={batch_size} must be a multiple of "
                 f"data.samples_per_volume={samples_per_volume}"
             )
-        if cache not in CACHES:
-            raise ConfigError(f"data.cache must be one of {', '.join(CACHES)}, got '{cache}'")
-        if loader not in LOADERS:
-            raise ConfigError(f"data.loader must be one of {', '.join(LOADERS)}, got '{loader}'")
+        for key, value, allowed in (("cache", cache, CACHES), ("loader", loader, LOADERS)):
+            if value not in allowed:
+                raise ConfigError(f"data.{key} must be one of {', '.join(allowed)}, got '{value}'")
         if cache == "gpu" and not torch.cuda.is_available():
             log.warning(
                 "data.cache=gpu needs a CUDA GPU and none is available: caching preprocessed volumes "
                 "in CPU memory instead (data.cache=memory)"
             )
             cache = "memory"
-        self.task_dir = Path(task_dir)
+        self.task_dir, self.cache_dir = Path(task_dir), cache_dir
         self.task = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else dict(task)
-        self.cache_dir = cache_dir
         self.batch_size, self.samples_per_volume = batch_size, samples_per_volume
         self.pos_neg_ratio, self.augment, self.flip_axes = list(pos_neg_ratio), augment, list(flip_axes)
-        self.cache, self.loader = cache, loader
+        self.cache, self.loader, self.cache_shard_per_rank = cache, loader, cache_shard_per_rank
         self.num_workers, self.prep_workers = num_workers, prep_workers
-        self.crop_centres_per_class = crop_centres_per_class
-        self.cache_shard_per_rank = cache_shard_per_rank
-        self.augmentation = list(augmentation)
+        self.crop_centres_per_class, self.augmentation = crop_centres_per_class, list(augmentation)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
-        self.num_folds, self.fold = num_folds, fold
-        self.split = split
-        self.train_cases: list[dict[str, str]] = []
-        self.val_cases: list[dict[str, str]] = []
-        self.test_cases: list[dict[str, str]] = []  # held out of training and validation
+        self.num_folds, self.fold, self.split = num_folds, fold, split
+        self.train_cases, self.val_cases, self.test_cases = [], [], []  # test: held out of both others
         self.train_set = self.val_set = None
         self.prepared = False
 
     def prepare_data(self) -> None:
-        """Make sure the task folder exists (write or download it) and check every case.
-
-        Once: training prepares before the Trainer starts its processes, and Lightning's call of
-        this hook in them (a copy of this object) then does nothing."""
+        """Write or download the task folder if missing, then check every case. Once: training prepares
+        before the Trainer starts its processes, whose copies of this object then skip it."""
         if self.prepared:
             return
         if not (self.task_dir / "dataset.json").is_file():
@@ -186,25 +174,19 @@ class MSDDataModule(LightningDataModule):
         rank, world = self._rank_and_world()
         if self.val_set is None:
             self.check_processes(world)
-            # whole validation volumes on the GPU would compete with sliding-window stitching for memory
-            val_cache = "memory" if self.cache == "gpu" else self.cache
-            self.val_set = self._dataset(
-                self.val_cases[rank::world], val_transforms(self.task), val_cache, "val"
-            )
+            # no device: whole validation volumes on the GPU would compete with sliding-window stitching
+            self.val_set = self._dataset(self.val_cases[rank::world], val_transforms(self.task), "val")
         if self.train_set is not None or stage not in (None, "fit"):
             return
         train_cases = self.train_cases
         if world > 1 and self.cache_shard_per_rank:
-            train_cases = partition_dataset(
+            shard = partition_dataset(
                 train_cases, num_partitions=world, shuffle=True, seed=self.split_seed, even_divisible=True
             )[rank]
             log.info(
-                "rank %d caches and trains on %d of %d training cases",
-                rank,
-                len(train_cases),
-                len(self.train_cases),
+                "rank %d caches and trains on %d of %d training cases", rank, len(shard), len(train_cases)
             )
-        device = self._device() if self.cache == "gpu" else None
+            train_cases = shard
         train_tf = train_transforms(
             self.task,
             self.samples_per_volume,
@@ -212,14 +194,13 @@ class MSDDataModule(LightningDataModule):
             self.augment,
             self.flip_axes,
             self.crop_centres_per_class,
-            device,
+            self._device() if self.cache == "gpu" else None,
             self.augmentation,
         )
-        self.train_set = self._dataset(train_cases, train_tf, self.cache, "train")
+        self.train_set = self._dataset(train_cases, train_tf, "train")
 
     def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def _device(self) -> torch.device:
         if self.trainer is not None:
@@ -230,19 +211,14 @@ class MSDDataModule(LightningDataModule):
         """The split goes into every checkpoint: a resume trains on the same cases."""
         return {SPLIT_KEY: {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}}
 
-    def _dataset(self, cases, transform, cache: str, split: str) -> Dataset:
-        if cache in ("memory", "gpu"):
+    def _dataset(self, cases, transform, split: str) -> Dataset:
+        if self.cache in ("memory", "gpu"):
             # no deep copy per draw: the random transforms make new tensors (crop views, flipped
             # and rescaled copies) and never write into the cached ones
             return CacheDataset(
-                cases,
-                transform,
-                cache_rate=1.0,
-                num_workers=self.prep_workers,
-                progress=False,
-                copy_cache=False,
+                cases, transform, num_workers=self.prep_workers, progress=False, copy_cache=False
             )
-        if cache == "disk":
+        if self.cache == "disk":
             return PersistentDataset(cases, transform, cache_dir=self._persistent_dir(split))
         return Dataset(cases, transform)
 
@@ -266,9 +242,7 @@ class MSDDataModule(LightningDataModule):
         if world > 1 and not self.cache_shard_per_rank:
             # what Lightning's own distributed sampler would be (same seed); Lightning sets its epoch
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            sampler = DistributedSampler(
-                self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed
-            )
+            sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, seed=seed)
         # CUDA tensors cannot cross worker processes: the loader's thread draws the patches on the GPU
         return self._loader(
             self.train_set,
@@ -292,12 +266,9 @@ class MSDDataModule(LightningDataModule):
 def split_cases(
     cases: list, val_fraction: float, test_fraction: float, seed: int, num_folds: int = 0, fold: int = 0
 ) -> tuple[list, list, list]:
-    """Seeded shuffle of the cases (sorted by name) into (train, val, test): `test_fraction` of the
-    cases are held out of everything, `val_fraction` (at least one) validate. A single-case folder
-    validates on its training case.
-
-    `num_folds` > 0: after the same test cases are held out, the rest is cut into that many seeded
-    folds (sizes differ by one at most); fold `fold` validates and the others train."""
+    """Seeded shuffle of the cases (sorted by name) into (train, val, test): `test_fraction` held out
+    of everything, `val_fraction` (at least one) validating; a single case validates on itself. With
+    `num_folds` the rest is cut into that many folds (sizes differ by one at most); `fold` validates."""
     if len(cases) == 1:
         log.warning("only one case: validating on the training case")
         return cases, cases, []
@@ -332,18 +303,15 @@ def _fold(cases: list, num_folds: int, fold: int) -> tuple[list, list]:
 def given_split(cases: list, split: Mapping, task_dir: Path) -> tuple[list, list, list]:
     """(train, val, test) of `cases` (this folder's dataset.json) named by a saved split."""
     by_name = {case_name(c): c for c in cases}
-    parts, missing = [], []
-    for part in ("train", "val", "test"):
-        names = [case_name(c) for c in split.get(part, [])]
-        missing += [n for n in names if n not in by_name]
-        parts.append([by_name[n] for n in names if n in by_name])
+    names = [[case_name(c) for c in split.get(part, [])] for part in ("train", "val", "test")]
+    missing = [n for part in names for n in part if n not in by_name]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise DatasetError(
             f"{task_dir / 'dataset.json'}: lacks {len(missing)} case(s) of the run's saved split "
             f"({shown}): resume with the data the run started on"
         )
-    return parts[0], parts[1], parts[2]
+    return tuple([by_name[n] for n in part] for part in names)
 
 
 def split_in_checkpoint(checkpoint: Mapping) -> dict | None:

@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from monai.apps.datasets import DecathlonDataset
-from monai.apps.utils import check_hash, download_and_extract, extractall
+from monai.apps.utils import download_and_extract, extractall
 
 from lightning_seg.data.layout import DatasetError
 
@@ -30,9 +30,7 @@ def download_msd_task(
     try:
         if url.startswith("file://"):  # a local mirror; MONAI's downloader speaks only HTTP(S)
             shutil.copyfile(url2pathname(urlparse(url).path), archive)
-            if not check_hash(archive, md5, "md5"):
-                raise ValueError(f"MD5 of {archive} is not {md5}")
-            extractall(archive, output_dir=task_dir.parent)
+            extractall(archive, output_dir=task_dir.parent, hash_val=md5, hash_type="md5")
         else:
             download_and_extract(url, filepath=str(archive), output_dir=str(task_dir.parent), hash_val=md5)
     except Exception as err:  # network, checksum and archive errors all end the same way for the user

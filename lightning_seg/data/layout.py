@@ -5,9 +5,8 @@
   for a region), `numTraining` and `file_ending`; `imagesTr/<case>_0000<ending>` holds channel 0 of a
   case (one file per channel), `labelsTr/<case><ending>` its labels.
 
-A case is `{"image": path, "label": path}` (MSD) or `{"image": [one path per channel], "label": path}`
-(nnU-Net; MONAI's LoadImaged stacks the files as channels). A case is named by its label file, which
-carries the case name in both layouts.
+A case is `{"image": path or [one path per channel, which LoadImaged stacks], "label": path}`, named
+by its label file (the case name in both layouts).
 """
 
 import json
@@ -26,8 +25,7 @@ CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: <cas
 
 
 class DatasetError(UserError, ValueError):
-    """A task folder that cannot be trained on; the message names the file and the problem.
-    A ValueError too, so callers that caught ValueError before still do."""
+    """A task folder that cannot be trained on, naming file and problem; a ValueError for older callers."""
 
 
 def read_dataset_json(task_dir: Path) -> dict:
@@ -76,8 +74,7 @@ def _nnunet_cases(task_dir: Path, meta: Mapping) -> list[dict]:
         raise DatasetError(f"{where}: file_ending '{ending}': only NIfTI ({readable}) is read")
     channels = len(meta["channel_names"])
     if isinstance(meta.get("dataset"), Mapping):  # nnU-Net's explicit listing, paths relative to the folder
-        listed = meta["dataset"].items()
-        cases = [_explicit_case(task_dir, where, name, entry) for name, entry in listed]
+        cases = [_explicit_case(task_dir, where, name, entry) for name, entry in meta["dataset"].items()]
     else:
         by_case = channel_files(task_dir / "imagesTr", ending)
         cases = []
@@ -90,9 +87,8 @@ def _nnunet_cases(task_dir: Path, meta: Mapping) -> list[dict]:
                     f"{channels} channel(s) (channel_names): "
                     + (f"missing {wanted}" if wanted else "remove the extra channel files")
                 )
-            image = [str(files[c]) for c in range(channels)]
             label = task_dir / "labelsTr" / f"{name}{ending}"
-            cases.append({"image": image, "label": str(label.resolve())})
+            cases.append({"image": [str(files[c]) for c in range(channels)], "label": str(label.resolve())})
     if not cases:
         raise DatasetError(f"{task_dir / 'imagesTr'}: no <case>_0000{ending} images")
     declared = meta.get("numTraining")
@@ -115,10 +111,8 @@ def channel_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
     """nnU-Net's `<case>_<channel><ending>` files of a folder: {case: {channel: path}}."""
     found: dict[str, dict[int, Path]] = {}
     for path in sorted(folder.glob(f"*{ending}")) if folder.is_dir() else []:
-        if path.name.startswith("."):  # macOS' ._ companions, as the MSD archives hold them
-            continue
         match = CHANNEL_FILE.match(path.name[: -len(ending)])
-        if match:
+        if match and not path.name.startswith("."):  # not macOS' ._ companions, as MSD archives hold them
             found.setdefault(match["case"], {})[int(match["channel"])] = path.resolve()
     return found
 
@@ -137,7 +131,6 @@ def declared_labels(
     meta: Mapping, where: Path = Path("dataset.json")
 ) -> tuple[list[str], dict[str, list[int]] | None] | None:
     """(names by label value, regions or None) that dataset.json declares, or None.
-
     MSD: {"0": "background", ...}. nnU-Net: {"background": 0, "liver": 1}; a region lists its values
     ({"whole_tumour": [1, 2, 3]}): a value then takes the name of the label that is that value alone,
     else `label_<value>`, and every non-background entry is scored as a region."""
@@ -166,8 +159,7 @@ def declared_channels(meta: Mapping) -> list[str] | None:
 
 
 def prediction_name(image: str | os.PathLike | list[str]) -> str:
-    """The file a prediction of `image` is written to: an MSD image's name; an nnU-Net case's name
-    (its channel files' name less `_0000`), as its label file is named."""
+    """The file name of `image`'s prediction: an MSD image's; an nnU-Net case's (less `_0000`)."""
     if isinstance(image, str | os.PathLike):
         return Path(image).name
     first = Path(image[0]).name

@@ -1,9 +1,6 @@
-"""Small phantom datasets, written as real NIfTI files in MSD or nnU-Net v2 raw layout.
-
-Each case is a body ellipsoid holding one ellipsoid per foreground label ("organs" of
-distinct intensity), multiplied by a smooth bias field, plus Gaussian noise. Everything
-is drawn from a per-case seed, so the same settings always write the same files.
-"""
+"""Small phantom datasets as real NIfTI files, in MSD or nnU-Net v2 raw layout: a body ellipsoid
+holding one ellipsoid "organ" of distinct intensity per foreground label, times a smooth bias field,
+plus Gaussian noise, drawn from a per-case seed (the same settings always write the same files)."""
 
 import json
 from pathlib import Path
@@ -36,13 +33,12 @@ def write_synthetic_msd(
         nib.save(nib.Nifti1Image(image, affine), task_dir / "imagesTr" / name)
         nib.save(nib.Nifti1Image(label, affine), task_dir / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    labels = {"0": "background", **{str(i): f"organ_{chr(96 + i)}" for i in range(1, num_labels)}}
     meta = {
         "name": "Synthetic",
         "description": "Phantom ellipsoid organs with bias field and noise (lightning_seg.data.synthetic)",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI"},
-        "labels": labels,
+        "labels": {"0": "background", **{str(i): f"organ_{chr(96 + i)}" for i in range(1, num_labels)}},
         "numTraining": num_cases,
         "numTest": 0,
         "training": training,
@@ -76,12 +72,7 @@ def write_synthetic_nnunet(
             data = (image if ct else image * (1 + c) * (100 if dtype.startswith("int") else 1)).astype(dtype)
             nib.save(nib.Nifti1Image(data, affine), folder / "imagesTr" / f"case{i:02d}_{c:04d}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / f"case{i:02d}.nii.gz")
-    meta = {
-        "channel_names": channels,
-        "labels": labels,
-        "numTraining": len(geometry),
-        "file_ending": ".nii.gz",
-    }
+    meta = dict(channel_names=channels, labels=labels, numTraining=len(geometry), file_ending=".nii.gz")
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -99,8 +90,7 @@ def synthetic_case(shape, num_labels: int, rng: np.random.Generator) -> tuple[np
         organ = _ellipsoid(grid, centre, rng.uniform(0.12, 0.28, 3)) & body
         image[organ] = ORGAN_INTENSITIES[value - 1]
         label[organ] = value
-    coefficients = rng.uniform(-0.25, 0.25, 3)
-    bias = np.exp(grid @ coefficients).astype(np.float32)  # smooth multiplicative field, like MRI shading
+    bias = np.exp(grid @ rng.uniform(-0.25, 0.25, 3)).astype(np.float32)  # smooth, like MRI shading
     noise = rng.normal(0.0, 0.35, shape).astype(np.float32)
     return (image * bias + noise * body).astype(np.float32), label
 

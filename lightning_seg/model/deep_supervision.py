@@ -1,9 +1,5 @@
-"""The training loss over one output, or over a deeply supervised network's outputs.
-
-MONAI's `DeepSupervisionLoss` sums a loss over a list of outputs with given weights; the weights
-here are nnU-Net's (1, 1/2, 1/4, ... from the full resolution down, normalised to sum to 1), so a
-deeply supervised run's `train/loss` stays on the scale of a single-output run's.
-"""
+"""The training loss over one output, or over a deeply supervised network's outputs with nnU-Net's weights
+(1, 1/2, 1/4, ... from the full resolution down, normalised to sum to 1): `train/loss` keeps its scale."""
 
 from collections.abc import Callable
 
@@ -17,9 +13,7 @@ def output_weights(outputs: int) -> list[float]:
 
 
 def segmentation_loss(loss: Callable, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`loss(logits, target)`; logits of shape (batch, outputs, classes, *patch), as MONAI's DynUNet
-    returns them in training with deep supervision (one more dimension than the target), get the
-    weighted sum over the outputs, the full-resolution one first."""
+    """`loss(logits, target)`, or its weighted sum over DynUNet's deeply supervised (batch, outputs, ...)."""
     if logits.dim() != target.dim() + 1:
         return loss(logits, target)
     weighted = DeepSupervisionLoss(loss, weights=output_weights(logits.shape[1]))

@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -13,7 +14,6 @@ from torch import nn
 from torchmetrics.segmentation import DiceScore
 
 from lightning_seg.checkpoint_format import stamp, upgrade
-from lightning_seg.model.compile import compile_unavailable_reason
 from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.precision import autocast, choice_of, fast_inference_precision
 from lightning_seg.scoring import Regions, scored_structures, structure_masks
@@ -22,43 +22,41 @@ log = logging.getLogger(__name__)
 
 
 def grad_scaler(trainer: Trainer | None) -> torch.amp.GradScaler | None:
-    """The grad scaler of Lightning's mixed-precision plugin: fp16 AMP (`precision=16` on a GPU) has one;
-    bf16, fp32 and `16-mixed` on a CPU (Lightning runs bf16 there) have none."""
+    """Lightning's enabled grad scaler: only fp16 AMP on a GPU has one (`16-mixed` on a CPU runs bf16)."""
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def loss_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | float:
-    """The current scale, as a copy of the scaler's device tensor (reading it does not wait for the GPU;
-    `update()` changes the original in place), or the initial float before the first backward."""
+    """A copy of the device scale (no GPU wait; `update()` changes it in place), or the initial float."""
     scale = scaler._get_scale_async()
     return scaler.get_scale() if scale is None else scale.detach().clone()
 
 
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, checked up front so that an unusable compiler means eager."""
+    import torch._dynamo
+    from torch.utils._triton import has_triton
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python or platform"
+    if device.type == "cuda":
+        return None if has_triton() else "Triton is not installed (pip install triton)"
+    compilers = (shutil.which(cxx) for cxx in ("c++", "g++", "clang++"))
+    return None if any(compilers) else "no C++ compiler found for Inductor's CPU kernels"
+
+
 class SegmentationModule(LightningModule):
-    """Train on random patches, validate on whole volumes.
+    """Train on random patches, validate on whole volumes: `train/loss`, `val/dice` (mean over the scored
+    structures: foreground labels or the task's `regions`, as `evaluate` scores them), `val/dice_<structure>`.
+    `step_loss` is the training step's one definition: the study's benchmark and memory planner run it too."""
 
-    Logs `train/loss`, `val/dice` (mean over the scored structures, cases averaged per structure)
-    and `val/dice_<structure>`: the foreground labels, or the task's `regions` (unions of labels,
-    e.g. brain_tumour's whole tumour / tumour core / enhancing tumour), as `evaluate` scores them.
-    The scheduler steps per `scheduler_interval` ("epoch" or "step"); under fp16 AMP a step whose
-    update the grad scaler skipped does not advance a step-interval scheduler.
-    Checkpoints carry their format version (`lightning_seg.checkpoint_format`); a resume migrates
-    older ones and refuses newer ones.
-
-    `step_loss` is the one definition of the training step's computation: Lightning runs it here, and
-    the study's benchmark and memory planner run the same method.
-    """
-
-    # what callbacks and the study read, set in __init__ (and nowhere else)
-    net: nn.Module  # the network: StepBreakdown hooks its forward
-    labels: list[str]  # label names, background first: ValidationImages' legend
+    # read by callbacks and the study; set in __init__ only
+    net: nn.Module  # StepBreakdown hooks its forward
+    labels: list[str]  # background first: ValidationImages' legend
     fast_path: dict[str, Any]  # what the fast-path switches became here: environment.json
-    # under fp16 AMP: whether the grad scaler skipped the last optimizer step (a device bool tensor);
-    # AmpGuard counts the skips
-    amp_step_skipped: torch.Tensor | bool | None
-    # the `precision=` choice validation and sliding-window prediction run in (`setup`)
-    inference_precision: str | None
+    amp_step_skipped: torch.Tensor | bool | None  # fp16 AMP: the scaler skipped the last step (AmpGuard)
+    inference_precision: str | None  # the `precision=` choice of validation and prediction (`setup`)
 
     def __init__(
         self,
@@ -80,8 +78,7 @@ class SegmentationModule(LightningModule):
         inference_precision: str | None = None,
     ) -> None:
         super().__init__()
-        # plain data only, so checkpoints load with torch.load(weights_only=True); run_config (the
-        # resolved Hydra config) is what rebuilds net, loss and optimizer
+        # plain data, for torch.load(weights_only=True); run_config (the Hydra config) rebuilds the rest
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
         self.net, self.loss = net, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -91,20 +88,16 @@ class SegmentationModule(LightningModule):
             num_classes=len(self.structures), include_background=True, average="none", input_format="one-hot"
         )
         self.memory_format = torch.channels_last_3d if channels_last_3d else torch.contiguous_format
-        # what the fast-path switches became on this machine (environment.json records it)
         self.fast_path: dict[str, Any] = {"compiled": False, "channels_last_3d": channels_last_3d}
-        self.amp_step_skipped = None
-        self.inference_precision = None
+        self.amp_step_skipped = self.inference_precision = None
 
     def configure_model(self) -> None:
-        """Memory layout and torch.compile, applied once before the first step (Lightning calls this
-        hook on every fit/validate, inside the strategy's context, before optimizers exist)."""
+        """Memory layout and torch.compile, once (Lightning calls this on every fit and validate)."""
         if self.memory_format is torch.channels_last_3d:
             self.net.to(memory_format=self.memory_format)
         if not self.hparams.compile or self.fast_path["compiled"]:
             return
-        reason = compile_unavailable_reason(self.trainer.strategy.root_device)
-        if reason:
+        if reason := compile_unavailable_reason(self.trainer.strategy.root_device):
             log.warning("speed.compile=true, but %s: the network runs eagerly", reason)
             self.fast_path["compile_fallback"] = reason
             return
@@ -113,12 +106,10 @@ class SegmentationModule(LightningModule):
         self.fast_path["compiled"] = True
 
     def setup(self, stage: str) -> None:
-        """The inference precision: `inference_precision` (precision=auto's measured choice) or the
-        Trainer's, except where that runs a slow fallback (bf16 on a CPU without native bf16): then fp32,
-        said once with the measured ratio."""
-        trainer, device = self.trainer, self.trainer.strategy.root_device
-        requested = self.hparams.get("inference_precision") or choice_of(trainer.precision)
-        choice, why = fast_inference_precision(requested, device)
+        """`inference_precision` (precision=auto's choice) or the Trainer's, but fp32 where that runs a slow
+        fallback (bf16 on a CPU without native bf16), said once with the measured ratio."""
+        requested = self.hparams.get("inference_precision") or choice_of(self.trainer.precision)
+        choice, why = fast_inference_precision(requested, self.trainer.strategy.root_device)
         if why and self.inference_precision != choice:
             log.warning("%s", why)
         self.inference_precision = self.fast_path["inference_precision"] = choice
@@ -132,34 +123,22 @@ class SegmentationModule(LightningModule):
             return segmentation_loss(self.loss, logits.float(), target)
 
     def step_loss(self, batch: dict) -> torch.Tensor:
-        """The training loss of one batch of patches: forward, then the loss in fp32."""
         return self.compute_loss(self(batch["image"]), batch["label"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.step_loss(batch)
         # synced: under DDP the epoch value is the mean over every process's patches
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(batch["image"]),
-            sync_dist=True,
-        )
+        logged = {"on_step": True, "on_epoch": True, "prog_bar": True, "sync_dist": True}
+        self.log("train/loss", loss, batch_size=len(batch["image"]), **logged)
         return loss
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Logits for whole volumes by Gaussian-weighted sliding windows of the training patch."""
+        hp = self.hparams
         # its own autocast, inside the Trainer's: validation may run in another precision than training
         with autocast(self.inference_precision, image.device) if self.inference_precision else nullcontext():
             return sliding_window_inference(
-                image,
-                roi_size=self.hparams.patch_size,
-                sw_batch_size=self.hparams.sw_batch_size,
-                predictor=self.net,
-                overlap=self.hparams.sw_overlap,
-                mode="gaussian",
+                image, hp.patch_size, hp.sw_batch_size, self.net, overlap=hp.sw_overlap, mode="gaussian"
             )
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -169,31 +148,24 @@ class SegmentationModule(LightningModule):
 
     def update_val_dice(self, prediction: torch.Tensor, reference: torch.Tensor) -> None:
         """Add (batch, *spatial) label maps to the Dice of each scored structure."""
-        masks = [structure_masks(labels, self.structures) for labels in (prediction, reference)]
-        self.val_dice.update(*masks)
+        self.val_dice.update(*(structure_masks(maps, self.structures) for maps in (prediction, reference)))
 
     def on_validation_epoch_end(self) -> None:
         per_structure = self.val_dice.compute().reshape(-1)  # 0-d when one structure is scored
         self.val_dice.reset()
-        # a structure absent from every case (and never predicted) is NaN and left out of the mean. The
-        # values are already over every process's cases (torchmetrics gathers them): sync_dist averages
-        # equal numbers and only says so to Lightning
+        # a structure absent from every case (and never predicted) is NaN, left out of the mean. torchmetrics
+        # has gathered every process's cases: sync_dist averages equal values and only tells Lightning
         self.log("val/dice", per_structure.nanmean(), prog_bar=True, sync_dist=True)
         for name, value in zip(self.structures, per_structure, strict=True):
             self.log(f"val/dice_{name}", value, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        trainer = self.trainer
-        optimizer = self.build_optimizer(self.device, trainer.gradient_clip_val, trainer.precision)
+        optimizer = self.build_optimizer(self.device, self.trainer.gradient_clip_val, self.trainer.precision)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": self.scheduler_factory(optimizer=optimizer),
-                "interval": self.hparams.scheduler_interval,
-            },
-        }
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        interval = self.hparams.scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step; under fp16 AMP it also records whether the grad scaler skipped the update."""
@@ -201,35 +173,28 @@ class SegmentationModule(LightningModule):
         before = loss_scale(scaler) if scaler is not None else None
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if scaler is not None:
-            # GradScaler.update() lowers the scale exactly when it found inf/NaN gradients and skipped
-            # optimizer.step(); compared on the device, so no host sync here
+            # update() lowers the scale exactly when it skipped the step for inf/NaN gradients; no host sync
             self.amp_step_skipped = loss_scale(scaler) < before
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         # Lightning steps a step-interval scheduler after every batch, also one whose update the grad
         # scaler skipped: the schedule would run ahead of the weights (Lightning #5558, #18828)
-        if self.amp_step_skipped is not None and self._interval(scheduler) == "step":
-            if bool(self.amp_step_skipped):  # one host sync, only with a step-interval scheduler
-                return
-        super().lr_scheduler_step(scheduler, metric)
-
-    def _interval(self, scheduler) -> str | None:
         configs = self.trainer.lr_scheduler_configs
-        return next((c.interval for c in configs if c.scheduler is scheduler), None)
+        step_interval = any(c.scheduler is scheduler and c.interval == "step" for c in configs)
+        if not (step_interval and self.amp_step_skipped is not None and bool(self.amp_step_skipped)):
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        stamp(checkpoint)  # the layout version, so later code can migrate or refuse it
+        stamp(checkpoint)  # the layout version: later code migrates or refuses it
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # resume (and load_from_checkpoint): runs before the state dict is loaded, so a migration applies
-        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"
-        upgrade(checkpoint, source)
+        # resume and load_from_checkpoint: before the state dict is loaded, so a migration applies
+        upgrade(checkpoint, getattr(self._trainer, "ckpt_path", None) or "checkpoint")
 
     def build_optimizer(
         self, device: torch.device, clip: float | None, precision: str
     ) -> torch.optim.Optimizer:
-        """The optimizer as a run on `device` with gradient clipping `clip` at Trainer `precision` builds it:
-        `fused=True` where it is asked for, the device is a GPU and the optimizer has the option."""
+        """The run's optimizer: `fused=True` where asked for, on a GPU, if the optimizer has the option."""
         self.fast_path["fused_optimizer"] = False
         target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
         options = inspect.signature(target).parameters

@@ -1,10 +1,6 @@
-"""Network builders with a width knob; depth follows the patch and the voxel spacing.
-
-MONAI's constructors take explicit channel lists, strides and kernel sizes. These builders derive
-them as nnU-Net's planner does (nnunetv2 `get_pool_and_conv_props`), so one `width` scales a network
-for a CPU test or a GPU study, and an anisotropic task (prostate: 0.625 x 0.625 x 3.6 mm) keeps its
-thick axis until the others have caught up with its spacing.
-"""
+"""Network builders with a width knob; depth, strides and kernels follow the patch and the voxel spacing
+as nnU-Net's planner derives them (nnunetv2 `get_pool_and_conv_props`): an anisotropic task (prostate:
+0.625 x 0.625 x 3.6 mm) keeps its thick axis until the others have caught up with its spacing."""
 
 import logging
 import math
@@ -20,8 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class Topology(NamedTuple):
-    """Per-level strides (2 or 1 per axis) and per-level convolution kernel sizes (3 or 1 per axis),
-    one more kernel than strides: the bottleneck's."""
+    """Per-level strides (2 or 1 per axis) and kernel sizes (3 or 1), one more kernel: the bottleneck's."""
 
     strides: list[tuple[int, ...]]
     kernels: list[tuple[int, ...]]
@@ -34,18 +29,15 @@ def plan_topology(
     min_size: int = 4,
     padded: bool = False,
 ) -> Topology:
-    """nnU-Net's rule: an axis is down-sampled while its feature map stays at least `min_size` voxels
-    and its (current) spacing is within 2x of the finest valid axis'; a lone axis needs 3 * min_size.
-    A convolution kernel is 1 along an axis whose spacing is still 2x the finest or more, 3 once it
-    is not. One difference: nnU-Net pads the patch to a multiple of 2^pools; here an odd size stops
-    that axis, so the configured patch is what the network sees (`padded=True`: nnU-Net's way, for
-    planning a patch that `padded_patch` then pads). `spacing=None`: isotropic."""
+    """nnU-Net's rule (`spacing=None`: isotropic): an axis is halved while its feature map stays >= `min_size`
+    voxels and its (current) spacing is within 2x of the finest valid axis' (a lone axis needs 3 * min_size);
+    its kernel is 1 while its spacing is 2x the finest or more, else 3. An odd size stops an axis, so the
+    network sees the configured patch (`padded=True`: nnU-Net's padding to multiples of 2^pools)."""
     size = [float(n) if padded else int(n) for n in patch_size]
     current = [1.0] * len(size) if spacing is None else [float(s) for s in spacing]
     if len(current) != len(size):
         raise ConfigError(f"model spacing {list(current)} and patch {size} have different dimensions")
-    strides: list[tuple[int, ...]] = []
-    kernels: list[tuple[int, ...]] = []
+    strides, kernels = [], []
     kernel = [1] * len(size)
     while len(strides) < max_downsamplings:
         room = [d for d, n in enumerate(size) if (padded or n % 2 == 0) and n / 2 >= min_size]
@@ -66,8 +58,7 @@ def plan_topology(
 
 
 def padded_patch(size: Sequence[float], max_downsamplings: int, spacing: Sequence[float]) -> list[int]:
-    """The smallest patch holding `size` voxels that every planned down-sampling halves exactly
-    (nnU-Net pads its patch to a multiple of 2^pools per axis the same way)."""
+    """The smallest patch holding `size` voxels that every planned down-sampling halves exactly."""
     strides = plan_topology(size, max_downsamplings, spacing, padded=True).strides
     divisors = [math.prod(s[d] for s in strides) for d in range(len(size))]
     return [math.ceil(n / d) * d for n, d in zip(size, divisors, strict=True)]
@@ -95,18 +86,10 @@ def monai_unet(
     spacing: Sequence[float] | None = None,
 ) -> nn.Module:
     """MONAI's tutorial UNet (residual units, batch norm), up to 4 down-samplings planned from the
-    spacing (its 3^3 kernels are fixed: MONAI's UNet has one kernel size for every level)."""
+    spacing (MONAI's UNet has one kernel size, 3^3, for every level)."""
     strides = plan_topology(patch_size, max_downsamplings=4, spacing=spacing).strides
     channels = [width * 2**level for level in range(len(strides) + 1)]
-    return UNet(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        channels=channels,
-        strides=strides,
-        num_res_units=2,
-        norm="batch",
-    )
+    return UNet(3, in_channels, out_channels, channels, strides, num_res_units=2, norm="batch")
 
 
 def dynunet(
@@ -118,33 +101,19 @@ def dynunet(
     spacing: Sequence[float] | None = None,
     deep_supervision: bool = False,
 ) -> nn.Module:
-    """nnU-Net's plain U-Net (instance norm), up to 5 down-samplings, strides and kernels planned from
-    the spacing. `deep_supervision`: as nnU-Net, a loss on every decoder resolution but the lowest; in
-    training the network then returns (batch, outputs, classes, *patch), the lower-resolution outputs
-    up-sampled to the patch (MONAI), the full-resolution one first; in eval mode only that one."""
-    topology = plan_topology(patch_size, max_downsamplings=5, spacing=spacing)
-    strides = topology.strides
+    """nnU-Net's plain U-Net (instance norm), up to 5 down-samplings planned from the spacing. With
+    `deep_supervision` (nnU-Net's loss on every decoder resolution but the lowest) training returns (batch,
+    outputs, classes, *patch), full resolution first, the rest up-sampled (MONAI); eval: only the first."""
+    strides, kernels = plan_topology(patch_size, max_downsamplings=5, spacing=spacing)
     filters = [min(width * 2**level, max_features) for level in range(len(strides) + 1)]
     # MONAI's heads sit at the decoder resolutions below the full one; nnU-Net gives its lowest decoder
     # output weight 0, so: one head fewer than the up-sampling layers below the full resolution
     heads = len(strides) - 2 if deep_supervision else 0
     if deep_supervision and heads < 1:
         log.warning(
-            "model.deep_supervision=true, but the patch %s allows %d down-sampling(s) and deep "
-            "supervision needs 3: training without it",
-            list(patch_size),
-            len(strides),
+            f"model.deep_supervision=true, but the patch {list(patch_size)} allows {len(strides)} "
+            "down-sampling(s) and deep supervision needs 3: training without it"
         )
-    return DynUNet(
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=topology.kernels,
-        strides=[1, *strides],
-        upsample_kernel_size=strides,
-        filters=filters,
-        norm_name="instance",
-        res_block=False,
-        deep_supervision=heads > 0,
-        deep_supr_num=max(heads, 1),
-    )
+    shape = dict(kernel_size=kernels, strides=[1, *strides], upsample_kernel_size=strides, filters=filters)
+    supervision = dict(deep_supervision=heads > 0, deep_supr_num=max(heads, 1))
+    return DynUNet(3, in_channels, out_channels, norm_name="instance", **shape, **supervision)

@@ -1,3 +1,1 @@
-"""Plan a task config for a user's own labelled folder (`lightning-seg-new-task`): fingerprint, plan, write.
-
-A floor of its own above the core: it sizes patches with the study's memory planner."""
+"""`lightning-seg-new-task`: plan a labelled folder's task config (above the core; uses study/memory)."""

@@ -1,12 +1,6 @@
-"""`lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=D]`
-(also `python -m lightning_seg.new_task`).
-
-Reads a labelled folder (MSD or nnU-Net v2 raw layout), checks and fingerprints every case, plans a
-task config and writes it as `task/NAME.yaml` with the fingerprint beside it: into the checkout's
-conf/ when run from one, else into the user config dir on Hydra's search path
-(`$LIGHTNING_SEG_CONFIG_DIR`, default ~/.config/lightning_seg). Then `python train.py task=NAME`
-trains it. Defaults: a 24 GB card in fp16 AMP; `gpu=cpu` plans for a machine without a GPU.
-"""
+"""`lightning-seg-new-task` (USAGE; also `python -m lightning_seg.new_task`): checks and fingerprints every
+case of a labelled folder (MSD or nnU-Net v2 raw), plans its task config and writes it as `task/NAME.yaml`
+with the fingerprint beside it (README: "Where the file goes")."""
 
 import datetime
 import json
@@ -16,19 +10,12 @@ import sys
 from pathlib import Path
 
 from lightning_seg.config import CONFIG_DIR, repo_root, user_config_dir
+from lightning_seg.data import layout
 from lightning_seg.data.checks import check_dataset
-from lightning_seg.data.layout import (
-    DatasetError,
-    declared_channels,
-    declared_labels,
-    image_files,
-    read_datalist,
-    read_dataset_json,
-)
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError
 from lightning_seg.new_task.fingerprint import channels_of, fingerprint
-from lightning_seg.new_task.plan import Target, TaskPlan, plan_task
+from lightning_seg.new_task.plan import Target, plan_task
 from lightning_seg.precision import PRECISIONS, label
 from lightning_seg.run_dir import write_atomic, write_json
 from lightning_seg.study.memory.fit import GPUS
@@ -73,33 +60,27 @@ def target_of(options: dict) -> Target:
     return Target(gpu or f"a {capacity:g} GB card", capacity, precision or DEFAULT_PRECISION)
 
 
-def task_dir_for(options: dict) -> Path:
-    """conf/task of a checkout; an installed package's conf/ is not the user's to write."""
-    if "config_dir" in options:
-        return Path(options["config_dir"]).expanduser() / "task"
-    installed = CONFIG_DIR.parent.name == "lightning_seg"
-    return (user_config_dir() if installed else CONFIG_DIR) / "task"
-
-
-def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
+def new_task(folder: Path, options: dict) -> tuple[list, Path]:
     name, target = options["name"], target_of(options)  # a bad option stops before the long part
-    out = task_dir_for(options)
+    # conf/task of a checkout; an installed package's conf/ is not the user's to write
+    default = (user_config_dir() if CONFIG_DIR.parent.name == "lightning_seg" else CONFIG_DIR) / "task"
+    out = Path(options["config_dir"]).expanduser() / "task" if "config_dir" in options else default
     target_file = out / f"{name}.yaml"
     shipped = CONFIG_DIR / "task" / f"{name}.yaml"  # it would hide a user config of that name
     for taken in {shipped, target_file}:
         if taken.is_file() and MARKER not in taken.read_text():
             raise ConfigError(f"name={name}: the hand-written {taken} has that name; pick another name")
-    meta = read_dataset_json(folder)
-    declared = declared_labels(meta, folder / "dataset.json")
+    meta = layout.read_dataset_json(folder)
+    declared = layout.declared_labels(meta, folder / "dataset.json")
     if declared is None:
-        raise DatasetError(
+        raise layout.DatasetError(
             f"{folder / 'dataset.json'}: declares no labels (MSD's 'labels', or nnU-Net's name -> value)"
         )
     labels, regions = declared
-    cases = read_datalist(folder)
-    channels = declared_channels(meta)
+    cases = layout.read_datalist(folder)
+    channels = layout.declared_channels(meta)
     if channels is None:  # MSD without 'modality': the first case says how many
-        count = len(channels_of(image_files(cases[0]["image"]))[0])
+        count = len(channels_of(layout.image_files(cases[0]["image"]))[0])
         channels = [f"channel_{c}" for c in range(count)]
     workers = int(options.get("workers", 2))
     # every broken case, before the fingerprint; remembered where training looks (paths.cache_dir, its
@@ -108,37 +89,36 @@ def new_task(folder: Path, options: dict) -> tuple[TaskPlan, Path]:
     check_dataset(folder, labels, len(channels), cache, workers)
     print(f"fingerprinting {len(cases)} cases of {folder} ...", flush=True)
     prints = fingerprint(cases, workers)
-    plan = plan_task(name, str(folder), prints, labels, regions, channels, target)
-    out.mkdir(parents=True, exist_ok=True)
+    task, decisions = plan_task(name, str(folder), prints, labels, regions, channels, target)
     write_json(out / f"{name}.fingerprint.json", prints)
-    write_atomic(target_file, task_yaml(plan, len(cases)))
-    return plan, target_file
+    write_atomic(target_file, task_yaml(target, task, decisions, len(cases)))
+    return decisions, target_file
 
 
-def task_yaml(plan: TaskPlan, num_cases: int) -> str:
-    why = {d.key: d.why for d in plan.decisions}
-    target = plan.target
-    made_for = "a CPU" if target.cpu else f"{target.name} in {label(target.precision)}"
+def task_yaml(target: Target, task: dict, decisions: list, num_cases: int) -> str:
+    value = {d.key: d.value for d in decisions}
+    why = {d.key: d.why for d in decisions}
+    name = task["name"]
+    made_for = "a CPU" if target.capacity_gib is None else f"{target.name} in {label(target.precision)}"
     lines = [
         "# @package _global_",
-        f"{MARKER} from {plan.folder} ({num_cases} cases) for {made_for},",
+        f"{MARKER} from {task['msd_folder']} ({num_cases} cases) for {made_for},",
         f"# {datetime.date.today()}. Each value says what chose it; edit any key, or override it on the",
-        f"# command line. Planning again overwrites this file. Fingerprint: {plan.name}.fingerprint.json.",
+        f"# command line. Planning again overwrites this file. Fingerprint: {name}.fingerprint.json.",
         "defaults:",
         "  - _schema@task  # every key, its type and default: lightning_seg/task.py",
-        f"  - override /model: {plan.model}  # {why['model']}",
+        f"  - override /model: {value['model']}  # {why['model']}",
         "  - _self_",
         "",
     ]
     if target.precision is not None:
         lines.append(f"precision: {target.precision}  # the precision the batch and patch were sized for")
-    lines += ["data:", f"  batch_size: {plan.batch_size}  # {why['data.batch_size']}"]
-    lines += [f"  flip_axes: {plan.flip_axes}  # {why['data.flip_axes']}", "", "task:"]
-    for key, value in plan.task.items():
-        if value is None:
-            continue
+    lines += ["data:", f"  batch_size: {value['data.batch_size']}  # {why['data.batch_size']}"]
+    lines += [f"  flip_axes: {value['data.flip_axes']}  # {why['data.flip_axes']}", "", "task:"]
+    for key, value in task.items():
         comment = why.get(f"task.{key}")
-        lines.append(f"  {key}: {json.dumps(value)}" + (f"  # {comment}" if comment else ""))
+        if value is not None:
+            lines.append(f"  {key}: {json.dumps(value)}" + (f"  # {comment}" if comment else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -146,13 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with user_errors():
         folder, options = parse(sys.argv[1:] if argv is None else argv)
-        plan, written = new_task(folder, options)
-    for d in plan.decisions:
+        decisions, written = new_task(folder, options)
+    for d in decisions:
         print(f"  {d.key}: {json.dumps(d.value)}  <- {d.why}")
     print(f"wrote {written} and {written.with_suffix('.fingerprint.json').name} beside it")
     root = written.parent.parent
     hint = "" if root in (CONFIG_DIR, user_config_dir()) else f"LIGHTNING_SEG_CONFIG_DIR={root} "
-    print(f"train it: {hint}python train.py task={plan.name}")
+    print(f"train it: {hint}python train.py task={options['name']}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,5 @@
-"""A dataset's fingerprint: what planning a task needs to know, read from every case once.
-
-Per case: shape and voxel spacing in the orientation training resamples in (RAS), the file's own
-orientation, the non-zero box and the share of zero voxels, each channel's foreground intensities
-(label > 0), the voxel count, volume and centre of each label. Over the dataset: each channel's
-foreground intensity percentiles 0.5 / 99.5, mean and std, pooled as nnU-Net v2's fingerprint
-pools them (an equal number of samples drawn from every case, with replacement, seed 1234).
-"""
+"""A dataset's fingerprint, read from every case once: per case its geometry, foreground (label > 0)
+intensities and labels; over the dataset each channel's foreground intensities, pooled as nnU-Net v2 does."""
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +12,16 @@ from lightning_seg.data.layout import image_files, ras_axes
 # intensity samples per channel over the whole dataset, shared equally by the cases (nnU-Net: 1e8)
 SAMPLES_PER_DATASET = 10**7
 SAMPLE_SEED = 1234  # nnU-Net's, so the pooled statistics are drawn the same way
+STATS = ("mean", "std", "percentile_00_5", "median", "percentile_99_5", "min", "max")
 
 
 def channels_of(paths: list[str]) -> tuple[list[np.ndarray], str]:
-    """(3D float32 arrays, one per channel, and the dtype on disk): nnU-Net's one file per channel, or
-    MSD's channels in dim 4."""
+    """3D float32 arrays, one per channel (nnU-Net's one file each, MSD's in dim 4), and the dtype on disk."""
     arrays, dtypes = [], set()
     for path in paths:
         data = np.asanyarray(nib.load(path).dataobj)
         dtypes.add(str(data.dtype))
-        data = data.astype(np.float32)
-        arrays += [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+        arrays += list(np.moveaxis(data.astype(np.float32).reshape(*data.shape[:3], -1), 3, 0))
     return arrays, "/".join(sorted(dtypes))
 
 
@@ -41,19 +34,15 @@ def case_fingerprint(case: Mapping, samples: int) -> dict:
     shape = np.array(seg.shape)[order]
     spacing = np.array(label_img.header.get_zooms()[:3], dtype=float)[order]
     nonzero = np.any(np.stack(channels) != 0, axis=0)
-    if nonzero.any():
-        box = [np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
-        cropped = np.array([b[-1] - b[0] + 1 for b in box])[order]
-    else:
-        cropped = shape
+    box = [np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    cropped = np.array([b[-1] - b[0] + 1 for b in box])[order] if nonzero.any() else shape
     foreground = seg > 0
     rng = np.random.default_rng(SAMPLE_SEED)
-    intensities, sampled = [], []
-    for data in channels:
-        values = data[foreground]
-        sampled.append(rng.choice(values, samples) if values.size else values)
-        intensities.append(summary(values))
+    values = [data[foreground] for data in channels]
+    sampled = [rng.choice(v, samples) if v.size else v for v in values]
     counts = np.bincount(seg.ravel())
+    # each label's centre in voxels, then world RAS mm (orientation-independent, for the mirroring rule)
+    centres = {str(int(v)): np.argwhere(seg == v).mean(axis=0) for v in np.unique(seg[foreground])}
     return {
         "label": case["label"],
         "image": case["image"],
@@ -64,36 +53,21 @@ def case_fingerprint(case: Mapping, samples: int) -> dict:
         "relative_size_after_crop": float(np.prod(cropped) / np.prod(shape)),
         "zero_share": float(1 - nonzero.mean()),
         "intensity_dtype": dtype,
-        "foreground_intensities": intensities,
+        "foreground_intensities": [summary(v) for v in values],
         "label_voxels": {str(v): int(n) for v, n in enumerate(counts) if n},
         "label_volumes_ml": {str(v): float(n * np.prod(spacing) / 1000) for v, n in enumerate(counts) if n},
-        "label_centroids_mm": label_centroids(seg, label_img.affine),
+        "label_centroids_mm": {
+            v: (label_img.affine[:3, :3] @ c + label_img.affine[:3, 3]).tolist() for v, c in centres.items()
+        },
         "_samples": sampled,
     }
-
-
-def label_centroids(seg: np.ndarray, affine: np.ndarray) -> dict[str, list[float]]:
-    """Each foreground label's centre in world RAS mm (orientation-independent, for the mirroring rule)."""
-    centres = {}
-    for value in np.unique(seg[seg > 0]):
-        voxel = np.argwhere(seg == value).mean(axis=0)
-        centres[str(int(value))] = (affine[:3, :3] @ voxel + affine[:3, 3]).tolist()
-    return centres
 
 
 def summary(values: np.ndarray) -> dict:
     if not values.size:
         return {}
-    low, median, high = np.percentile(values, [0.5, 50, 99.5])
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "percentile_00_5": float(low),
-        "median": float(median),
-        "percentile_99_5": float(high),
-        "min": float(values.min()),
-        "max": float(values.max()),
-    }
+    stats = (values.mean(), values.std(), *np.percentile(values, [0.5, 50, 99.5]), values.min(), values.max())
+    return {name: float(s) for name, s in zip(STATS, stats, strict=True)}
 
 
 def fingerprint(cases: list[Mapping], workers: int = 2) -> dict:

@@ -1,20 +1,13 @@
-"""`precision=auto`: the fastest safe precision for this run on this device, measured before training.
-
-For each precision the device runs natively, warm steps of the run's own training step (its
-network, patch, batch, loss, optimizer and weight average, in a Lightning Trainer built like
-training's, on synthetic batches) are timed, and separately one sliding-window batch of the
-validation/prediction forward. Training takes the fastest step whose loss stayed finite, validation
-and prediction the fastest inference batch. A less precise choice (fp32 > TF32 > bf16 > fp16) wins
-only when it is `margin` faster than the best more precise one: bf16 is preferred over fp16 within a
-few percent, fp16 trains only with Lightning's grad scaler. bf16 on a CPU without native bf16 kernels
-is not timed: one small convolution measures its ratio to fp32 (10-40x) in a fraction of a second.
-"""
+"""`precision=auto`: the fastest safe precision for this run on this device, measured before training:
+warm steps of the run's own training step (in a Trainer built like training's, on synthetic batches) and
+one sliding-window batch of the inference forward, timed in each precision the device runs natively."""
 
 import logging
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack
+from itertools import pairwise
 
 import torch
 from hydra.utils import instantiate
@@ -41,17 +34,15 @@ def candidates(device: torch.device) -> list[str]:
 
 
 def untimed_reason(choice: str, device: torch.device) -> str | None:
-    """Why `choice` is not worth timing here: bf16 on a CPU whose oneDNN has no bf16 kernels."""
-    if (
-        device.type == "cpu"
-        and autocast_dtype(choice, device) == torch.bfloat16
-        and not precision.cpu_has_native_bf16()
-    ):
-        return (
-            f"not timed: no native bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}), "
-            f"a bf16 Conv3d takes {precision.bf16_conv_slowdown():.1f}x as long as in fp32"
-        )
-    return None
+    """Why `choice` is not worth timing here: bf16 on a CPU whose oneDNN has no bf16 kernels (one small
+    convolution measures its ratio to fp32: 10-40x)."""
+    cpu_bf16 = device.type == "cpu" and autocast_dtype(choice, device) == torch.bfloat16
+    if not cpu_bf16 or precision.cpu_has_native_bf16():
+        return None
+    return (
+        f"not timed: no native bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}), "
+        f"a bf16 Conv3d takes {precision.bf16_conv_slowdown():.1f}x as long as in fp32"
+    )
 
 
 def fastest(seconds: dict[str, float | None], order: list[str], margin: float) -> str:
@@ -65,58 +56,50 @@ def fastest(seconds: dict[str, float | None], order: list[str], margin: float) -
     return best or "32"
 
 
+def enough_timed(seconds: list[float], least: int, budget_s: float) -> bool:
+    """At least `least` timings taking `budget_s` in all (short ones: more of them, for a steadier
+    median), or any number taking three times that (long ones: one is enough, their spread is small)."""
+    return (len(seconds) >= least and sum(seconds) >= budget_s) or sum(seconds) >= 3 * budget_s
+
+
 class StepClock(Callback):
-    """Batch end times and losses. Stops the fit once enough steps after the warm-up are timed: at
-    least `steps` taking `min_timed_s` in all (short steps: more of them, for a steadier median), or
-    any that took three times that (long steps: one is enough, their spread is small); or once a step
-    took longer than `limit_s`. A first step over a second is warm-up enough."""
+    """Step times and losses; stops the fit once the steps after the warm-up are `enough_timed`, or once
+    a step took longer than `limit_s`."""
 
     def __init__(self, warmup: int, steps: int, min_timed_s: float, limit_s: float | None) -> None:
         # the first step is always warm-up: its time alone holds the one-off work (allocation, kernel choice)
         self.warmup, self.steps, self.min_timed_s, self.limit_s = max(1, warmup), steps, min_timed_s, limit_s
-        self.started, self.ends, self.losses = 0.0, [], []
-        self.too_slow = False
+        self.marks, self.losses, self.too_slow = [], [], False  # marks: the first start, then batch ends
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self.ends:
-            self.started = time.perf_counter()
+        if not self.marks:
+            self.marks.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        self.ends.append(time.perf_counter())
+        self.marks.append(time.perf_counter())
         self.losses.append(float(outputs["loss"]))
-        if len(self.ends) == 1 and self.ends[0] - self.started > LONG_STEP_S:
+        last = self.marks[-1] - self.marks[-2]
+        if len(self.marks) == 2 and last > LONG_STEP_S:
             self.warmup = 1
-        last = self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else self.started)
         if self.limit_s is not None and last > self.limit_s:
             self.too_slow = trainer.should_stop = True
-        timed = self.intervals()
-        if (len(timed) >= self.steps and sum(timed) >= self.min_timed_s) or sum(
-            timed
-        ) >= 3 * self.min_timed_s:
+        if enough_timed(self.intervals(), self.steps, self.min_timed_s):
             trainer.should_stop = True
 
     def intervals(self) -> list[float]:
         """Seconds of each timed step, batch end to batch end."""
-        return [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)][self.warmup - 1 :]
-
-
-def with_precision(cfg: DictConfig, choice: str) -> DictConfig:
-    """`cfg` training in `choice`, eagerly (a compiled network's speed-up is timed by the benchmark)."""
-    run = cfg.copy()
-    with open_dict(run):
-        run.precision = choice
-        run.module.compile = False
-    return run
+        return [b - a for a, b in pairwise(self.marks)][self.warmup :]
 
 
 def time_training(
     cfg: DictConfig, choice: str, device: torch.device, batch_size: int, limit_s: float | None
 ) -> dict:
     """Median seconds per training step in `choice` (batch start to batch start), or why there is none."""
-    probe = cfg.auto_precision
-    run = with_precision(cfg, choice)
+    probe, run = cfg.auto_precision, cfg.copy()
+    with open_dict(run):  # eagerly: a compiled network's speed-up is timed by the benchmark
+        run.precision, run.module.compile = choice, False
     set_tf32(uses_tf32(choice))
     seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate(run.module)
@@ -130,8 +113,7 @@ def time_training(
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
     if not all(torch.isfinite(torch.tensor(clock.losses))):
         return {"error": f"non-finite loss ({clock.losses[-1]})"}
     if clock.too_slow:
@@ -148,8 +130,7 @@ def time_inference(cfg: DictConfig, choice: str, device: torch.device) -> dict:
     set_tf32(uses_tf32(choice))
     seed_everything(cfg.seed, verbose=False)
     net = instantiate(cfg.model).to(device).eval()
-    shape = (cfg.module.sw_batch_size, cfg.task.in_channels, *cfg.task.patch_size)
-    x = torch.randn(shape, device=device)
+    x = torch.randn((cfg.module.sw_batch_size, cfg.task.in_channels, *cfg.task.patch_size), device=device)
     times, finite = [], True
     # as the training steps, with half their time budget (a forward alone varies less than a step); a
     # first forward over LONG_STEP_S counts (its one-off share is small, a second one would double the cost)
@@ -158,13 +139,9 @@ def time_inference(cfg: DictConfig, choice: str, device: torch.device) -> dict:
     def timed() -> list[float]:
         return times[1:] if times and times[0] < LONG_STEP_S else times
 
-    def enough() -> bool:
-        done = (len(timed()) >= least and sum(timed()) >= budget_s) or sum(timed()) >= 3 * budget_s
-        return done or len(timed()) >= MAX_TIMED_STEPS
-
     try:
         with autocast(choice, device):
-            while not enough():
+            while len(timed()) < MAX_TIMED_STEPS and not enough_timed(timed(), least, budget_s):
                 start = time.perf_counter()
                 out = net(x)
                 finite &= bool(torch.isfinite(out).all())  # waits for the GPU too
@@ -176,27 +153,16 @@ def time_inference(cfg: DictConfig, choice: str, device: torch.device) -> dict:
     return {"batch_s": statistics.median(timed()), "batches": len(timed())}
 
 
-@contextmanager
-def quiet_trainers():
-    """The probe's Trainers without their start-up banners (GPU available, ...): one per precision."""
-    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
 def probe(cfg: DictConfig, device: torch.device) -> dict:
     """Time every candidate on `device`; the record of what was measured and chosen (JSON-able)."""
     started = time.perf_counter()
     order = candidates(device)
     batch = cfg.data.batch_size if isinstance(cfg.data.batch_size, int) else 2  # `auto`: its smallest
     training, inference = {}, {}
-    with quiet_trainers():
+    with ExitStack() as quiet:  # the Trainers' start-up banners (GPU available, ...): one per precision
+        for logger in map(logging.getLogger, ("pytorch_lightning", "lightning_fabric")):
+            quiet.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.WARNING)
         for choice in order:
             reason = untimed_reason(choice, device)
             if reason:
@@ -207,7 +173,6 @@ def probe(cfg: DictConfig, device: torch.device) -> dict:
             inference[choice] = time_inference(cfg, choice, device)
     set_tf32(False)
     margin = cfg.auto_precision.margin
-    train = fastest({c: r.get("step_s") for c, r in training.items()}, order, margin)
     # TF32 is a switch of the whole run, not of one context: inference keeps the training's setting
     infer_order = [c for c in order if c != "tf32"]
     infer = fastest({c: inference[c].get("batch_s") for c in infer_order}, infer_order, margin)
@@ -219,7 +184,7 @@ def probe(cfg: DictConfig, device: torch.device) -> dict:
         "patch": list(cfg.task.patch_size),
         "training": training,
         "inference": inference,
-        "train": train,
+        "train": fastest({c: r.get("step_s") for c, r in training.items()}, order, margin),
         "inference_precision": infer,
         "probe_s": time.perf_counter() - started,
     }
@@ -253,15 +218,9 @@ def choose(cfg: DictConfig, saved: dict | None = None) -> dict:
     if saved is not None:
         log.info("precision=auto: the resumed run's choice, %s", label(saved["train"]))
         return saved
-    record = probe(cfg, probe_device(cfg))
+    # the device training will run on (the first GPU of a multi-GPU run)
+    gpu = str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    record = probe(cfg, torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu"))
     for line in describe(record):
         log.info("%s", line)
     return record
-
-
-def probe_device(cfg: DictConfig) -> torch.device:
-    """The device training will run on (the first GPU of a multi-GPU run)."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -13,67 +13,56 @@ import html
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from lightning_seg.run_dir import RunDir  # noqa: E402
-from lightning_seg.study import report  # noqa: E402
-from lightning_seg.study.callbacks.step_breakdown import PHASES  # noqa: E402
-from lightning_seg.study.callbacks.val_images import WANDB_KEY  # noqa: E402
+from lightning_seg.run_dir import RunDir
+from lightning_seg.study import report
+from lightning_seg.study.callbacks.step_breakdown import PHASES
+from lightning_seg.study.callbacks.val_images import WANDB_KEY
+from lightning_seg.study.report import Run
 
 PHASE_COLUMNS = [f"step/{phase}_s" for phase in PHASES]
 LOSS_SCALE = "train/loss_scale"
 
 
-def run_name(run: report.Run, sweep_dir: Path) -> str:
+def run_name(run: Run, sweep_dir: Path) -> str:
     return f"{run.label}, seed {run.seed} ({run.path.relative_to(sweep_dir)})"
 
 
-def _full_log(run: report.Run) -> pd.DataFrame:
-    """Every row of the run's metrics.csv (the report keeps only validation rows)."""
-    return pd.read_csv(RunDir(run.path).metrics_csv)
-
-
-def plot_phases(runs: list[report.Run], names: list[str], out: Path) -> Path | None:
+def plot_phases(logs: list[pd.DataFrame], names: list[str], out: Path) -> Path | None:
     """Mean seconds per step phase (callbacks.step_breakdown), one stacked bar per run."""
-    logs = [_full_log(r) for r in runs]
     if not all(set(PHASE_COLUMNS) <= set(log) for log in logs):
         return None
     means = np.array([[log[c].mean() for c in PHASE_COLUMNS] for log in logs])
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(runs) + 1.5), dpi=110)
-    left = np.zeros(len(runs))
+    ax = Figure(figsize=(8, 0.5 * len(logs) + 1.5), dpi=110).subplots()
     for i, phase in enumerate(PHASES):
-        ax.barh(names, means[:, i], left=left, label=phase)
-        left += means[:, i]
+        ax.barh(names, means[:, i], left=means[:, :i].sum(axis=1), label=phase)
     ax.set_xlabel("seconds per training step (mean of the measured steps)")
     ax.set_title("Step-phase breakdown", fontsize=10)
     ax.legend(fontsize=8, ncols=len(PHASES), loc="lower right")
-    return _save(fig, out / "phases.png")
+    return report.save_figure(ax.figure, out / "phases.png")
 
 
-def plot_memory(runs: list[report.Run], names: list[str], out: Path) -> Path | None:
-    """Peak memory per run, the column report.summary_table uses (GPU training peak, else CPU RSS)."""
-    for column, label in report.MEMORY_COLUMNS.items():
-        if all(column in r.curve for r in runs):
-            fig, ax = plt.subplots(figsize=(8, 0.5 * len(runs) + 1.5), dpi=110)
-            colours = [report.COLOURS.get(r.precision, "black") for r in runs]
-            ax.barh(names, [r.curve[column].max() for r in runs], color=colours)
-            ax.set_xlabel(label)
-            ax.set_title("Peak memory", fontsize=10)
-            return _save(fig, out / "memory.png")
-    return None
+def plot_memory(runs: list[Run], names: list[str], out: Path) -> Path | None:
+    """Peak memory per run, the column report.summary_table uses."""
+    if not (memory := report.memory_column(runs)):
+        return None
+    column, name = memory
+    ax = Figure(figsize=(8, 0.5 * len(runs) + 1.5), dpi=110).subplots()
+    colours = [report.COLOURS.get(r.precision, "black") for r in runs]
+    ax.barh(names, [r.curve[column].max() for r in runs], color=colours)
+    ax.set_xlabel(name)
+    ax.set_title("Peak memory", fontsize=10)
+    return report.save_figure(ax.figure, out / "memory.png")
 
 
-def plot_loss_scale(runs: list[report.Run], names: list[str], out: Path) -> Path | None:
+def plot_loss_scale(runs: list[Run], logs: list[pd.DataFrame], names: list[str], out: Path) -> Path | None:
     """The fp16 grad scaler's loss scale against the step; None where no run had one."""
-    logs = [_full_log(r) for r in runs]
     if not any(LOSS_SCALE in log for log in logs):
         return None
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    ax = Figure(figsize=(8, 4), dpi=110).subplots()
     for run, name, log in zip(runs, names, logs, strict=True):
         if LOSS_SCALE in log:
             scale = log.dropna(subset=[LOSS_SCALE])
@@ -82,22 +71,7 @@ def plot_loss_scale(runs: list[report.Run], names: list[str], out: Path) -> Path
     ax.set_xlabel("step")
     ax.set_ylabel("loss scale")
     ax.legend(fontsize=8)
-    return _save(fig, out / "loss_scale.png")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def latest_overlays(run: report.Run) -> list[Path]:
-    """The run's overlay PNGs of its last validation (file names start with epoch and step)."""
-    pictures = sorted(RunDir(run.path).val_images.glob("epoch*-step*-*.png"))
-    if not pictures:
-        return []
-    last = pictures[-1].name.split("-")[:2]
-    return [p for p in pictures if p.name.split("-")[:2] == last]
+    return report.save_figure(ax.figure, out / "loss_scale.png")
 
 
 def write_page(sweep_dir: Path, out: Path | None = None) -> Path:
@@ -106,29 +80,33 @@ def write_page(sweep_dir: Path, out: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs = report.load_runs(sweep_dir)
     names = [run_name(r, sweep_dir) for r in runs]
+    logs = [pd.read_csv(RunDir(r.path).metrics_csv) for r in runs]  # every row, not only validations
     table, per_run = report.summary_table(runs), report.runs_table(runs)
     per_run.insert(0, "name", names)
     accuracy, answer = report.equal_accuracy(runs)
 
-    def image(path: Path | None, missing: str) -> str:
+    def image(path: Path | None, missing: str = "") -> str:
         if path is None:
             return f"<p><em>{html.escape(missing)}</em></p>"
         return f'<img src="{html.escape(os.path.relpath(path, out))}" style="max-width:100%">'
 
     overlays = []
     for run, name in zip(runs, names, strict=True):
-        pictures = latest_overlays(run)
+        # the overlay PNGs of the run's last validation (file names start with epoch and step)
+        pictures = sorted(RunDir(run.path).val_images.glob("epoch*-step*-*.png"))
+        last = pictures[-1].name.split("-")[:2] if pictures else None
+        latest = [p for p in pictures if p.name.split("-")[:2] == last] or [None]  # None: says there are none
         overlays.append(f"<h3>{html.escape(name)}</h3>")
-        overlays.extend(image(p, "") for p in pictures)
-        if not pictures:
-            overlays.append(image(None, "no val_images/ (callbacks.val_images off)"))
+        overlays.extend(image(p, "no val_images/ (callbacks.val_images off)") for p in latest)
     body = [
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>lightning_seg sweep</title></head>',
+        "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>",
         f"<h1>Sweep {html.escape(sweep_dir.name)}: {html.escape(runs[0].task)} on "
         f"{html.escape(runs[0].device)}</h1>",
         "<p>Runs: " + ", ".join(html.escape(n) for n in names) + "</p>",
         "<h2>Validation Dice vs training time</h2>",
-        image(report.plot_curves(runs, out), ""),
-        image(report.plot_mean_range(runs, out), ""),
+        image(report.plot_curves(runs, out)),
+        image(report.plot_mean_range(runs, out)),
         "<h2>Time to accuracy</h2>",
         "<p>Training seconds, validation excluded, from each run's time_to_accuracy.json: mean and "
         "spread (standard deviation) over the seeds that reached the threshold.</p>",
@@ -138,20 +116,18 @@ def write_page(sweep_dir: Path, out: Path | None = None) -> Path:
         f"<p>{html.escape(answer)}.</p>",
         accuracy.to_html(index=False, float_format="{:.4f}".format),
         "<h2>Step phases and peak memory</h2>",
-        image(plot_phases(runs, names, out), "no step/*_s logged (callbacks.step_breakdown off)"),
+        image(plot_phases(logs, names, out), "no step/*_s logged (callbacks.step_breakdown off)"),
         image(plot_memory(runs, names, out), "no peak memory logged"),
         "<h2>Loss scale</h2>",
-        image(plot_loss_scale(runs, names, out), "no loss scale: only fp16 with a grad scaler logs one"),
+        image(
+            plot_loss_scale(runs, logs, names, out), "no loss scale: only fp16 with a grad scaler logs one"
+        ),
         "<h2>Segmentations (latest validation)</h2>",
         *overlays,
+        "</body></html>\n",
     ]
     page = out / "index.html"
-    page.write_text(
-        '<!doctype html>\n<html><head><meta charset="utf-8"><title>lightning_seg sweep</title></head>\n'
-        "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )
+    page.write_text("\n".join(body))
     return page
 
 
@@ -162,39 +138,34 @@ def workspace(sweep_dir: Path, entity: str):
     import wandb_workspaces.workspaces as ws
 
     runs = report.load_runs(sweep_dir)
-    config = runs[0].wandb
-    if config is None:
+    if (config := runs[0].wandb) is None:
         raise SystemExit(f"the runs below {sweep_dir} did not log to W&B (train with logger=wandb)")
-    project, group = config["project"], config["group"]
-    table = report.summary_table(runs)
+    group = config["group"]
     accuracy, answer = report.equal_accuracy(runs)
     tables = (
-        f"### Time to accuracy (training s)\n\n{table.to_markdown(index=False, floatfmt='.3g')}\n\n"
+        f"### Time to accuracy (training s)\n\n"
+        f"{report.summary_table(runs).to_markdown(index=False, floatfmt='.3g')}\n\n"
         f"### Equal accuracy? {answer}\n\n{accuracy.to_markdown(index=False, floatfmt='.4f')}"
     )
     thresholds = [f"time_to_dice/{t:g}/train_s" for t in runs[0].thresholds]
+    dice = wr.LinePlot(
+        title="val/dice by precision",
+        x="time/train_s",
+        y=["val/dice"],
+        groupby="precision",
+        groupby_aggfunc="mean",
+        groupby_rangefunc="minmax",
+    )
+    media = wr.MediaBrowser(title="image, reference, prediction", media_keys=[WANDB_KEY])
     return ws.Workspace(
         entity=entity,
-        project=project,
+        project=config["project"],
         name=f"{group} sweep",
         runset_settings=ws.RunsetSettings(
             filters=ws.And(ws.Metric("Group") == group), groupby=[ws.Config("precision")]
         ),
         sections=[
-            ws.Section(
-                name="Validation Dice vs training time",
-                is_open=True,
-                panels=[
-                    wr.LinePlot(
-                        title="val/dice by precision",
-                        x="time/train_s",
-                        y=["val/dice"],
-                        groupby="precision",
-                        groupby_aggfunc="mean",
-                        groupby_rangefunc="minmax",
-                    )
-                ],
-            ),
+            ws.Section(name="Validation Dice vs training time", is_open=True, panels=[dice]),
             ws.Section(
                 name="Time to accuracy",
                 is_open=True,
@@ -212,11 +183,7 @@ def workspace(sweep_dir: Path, entity: str):
                 ],
             ),
             ws.Section(name="Loss scale", panels=[wr.LinePlot(title="fp16 loss scale", y=[LOSS_SCALE])]),
-            ws.Section(
-                name="Segmentations",
-                is_open=True,
-                panels=[wr.MediaBrowser(title="image, reference, prediction", media_keys=[WANDB_KEY])],
-            ),
+            ws.Section(name="Segmentations", is_open=True, panels=[media]),
         ],
     )
 
@@ -230,8 +197,7 @@ def main() -> None:
     if args.online:
         if not args.entity:
             parser.error("--online needs --entity")
-        saved = workspace(args.sweep_dir, args.entity).save()
-        print(f"W&B workspace: {saved.url}")
+        print(f"W&B workspace: {workspace(args.sweep_dir, args.entity).save().url}")
         return
     print(f"dashboard page: {write_page(args.sweep_dir, args.out)}")
     print(

@@ -9,15 +9,11 @@ FETCH_ACTION = "[_TrainingEpochLoop].train_dataloader_next"
 
 
 class DataWaitProfiler(Profiler):
-    """Accumulates the seconds spent inside the training loader's `next()`: zero when the loader
-    keeps ahead of the step, the starvation time when it does not. Every other action Lightning
-    profiles costs one string comparison."""
+    """Seconds inside the training loader's `next()`; any other action costs one string comparison."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.data_wait_s = 0.0
-        self.fetches = 0
-        self._start: float | None = None
+        self.data_wait_s, self.fetches, self._start = 0.0, 0, None
 
     def start(self, action_name: str) -> None:
         if action_name == FETCH_ACTION:

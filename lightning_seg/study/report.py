@@ -14,20 +14,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from lightning_seg.precision import AUTO, PRECISIONS, label
+from lightning_seg.run_dir import RunDir
 
-from lightning_seg.precision import AUTO, PRECISIONS, label  # noqa: E402
-from lightning_seg.run_dir import RunDir  # noqa: E402
-
-PRECISION_ORDER = [*PRECISIONS, AUTO]
 COLOURS = {"32": "tab:blue", "tf32": "tab:purple", "16": "tab:orange", "bf16": "tab:green", AUTO: "tab:red"}
+# the GPU's training-step peak (validation apart); on a CPU only the process peak exists
+MEMORY_COLUMNS = {
+    "memory/train_peak_gib": "training peak GPU memory (GiB)",
+    "memory/peak_gib": "process peak RSS, CPU (GiB)",
+}
 
 
 @dataclass
@@ -60,49 +61,42 @@ class Run:
 
     @property
     def validation_share(self) -> float:
-        """Share of the wall time (training plus validation) spent outside training, at the last
-        validation: near 1 when validation dominates the run."""
+        """Share of the wall time spent outside training, at the last validation."""
         last = self.curve.iloc[-1]
         wall = float(last.get("time/wall_s", float("nan")))
         return 1.0 - float(last["time/train_s"]) / wall if wall > 0 else float("nan")
-
-    def time_to(self, threshold: float) -> float:
-        """Training seconds until val/dice first reached `threshold` (NaN if never)."""
-        record = self.crossing(threshold)
-        return float(record["train_s"]) if record else float("nan")
 
 
 def load_runs(sweep_dir: Path) -> list[Run]:
     runs = []
     for metrics in sorted(sweep_dir.glob("**/csv/metrics.csv")):
         run = RunDir(metrics.parent.parent)
-        run_dir, config_file = run.path, run.config_yaml
-        if not config_file.is_file():
+        if not run.config_yaml.is_file():
             continue
         log = pd.read_csv(metrics)
         if "val/dice" not in log:
             continue
-        tta_file = run.time_to_accuracy_json
-        if not tta_file.is_file():
+        if not run.time_to_accuracy_json.is_file():
             print(
-                f"skipping {run_dir}: no time_to_accuracy.json (callbacks.time_to_accuracy off?)",
+                f"skipping {run.path}: no time_to_accuracy.json (callbacks.time_to_accuracy off?)",
                 file=sys.stderr,
             )
             continue
-        cfg = OmegaConf.load(config_file)
-        curve = log.dropna(subset=["val/dice"]).reset_index(drop=True)
-        env_file = run.environment_json
-        env = json.loads(env_file.read_text()) if env_file.is_file() else {}
+        cfg = OmegaConf.load(run.config_yaml)
+        env = json.loads(run.environment_json.read_text()) if run.environment_json.is_file() else {}
+        # logger.wandb as the run resolved it: .hydra/config.yaml keeps interpolations only Hydra resolves
+        hparams = run.hparams_yaml.read_text() if run.hparams_yaml.is_file() else ""
+        resolved = yaml.load(hparams, Loader=_HparamsLoader) or {}
         runs.append(
             Run(
-                run_dir,
+                run.path,
                 str(cfg.precision),
                 int(cfg.seed),
                 str(cfg.task.name),
-                curve,
+                log.dropna(subset=["val/dice"]).reset_index(drop=True),
                 env.get("gpu") or f"CPU ({env.get('cpu_count', '?')} cores)",
-                json.loads(tta_file.read_text()),
-                _wandb_config(run_dir),
+                json.loads(run.time_to_accuracy_json.read_text()),
+                (resolved.get("logger") or {}).get("wandb"),
                 env.get("precision_auto", {}).get("train"),
             )
         )
@@ -110,7 +104,8 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         raise SystemExit(
             f"no runs with csv/metrics.csv, .hydra/config.yaml and time_to_accuracy.json below {sweep_dir}"
         )
-    return sorted(runs, key=lambda r: (_precision_rank(r.precision), r.seed))
+    rank = {p: i for i, p in enumerate([*PRECISIONS, AUTO])}
+    return sorted(runs, key=lambda r: (rank.get(r.precision, len(rank)), r.seed))
 
 
 class _HparamsLoader(yaml.SafeLoader):
@@ -120,31 +115,14 @@ class _HparamsLoader(yaml.SafeLoader):
 _HparamsLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
 
 
-def _wandb_config(run_dir: Path) -> dict | None:
-    """logger.wandb as the run resolved it (csv/hparams.yaml; .hydra/config.yaml keeps the
-    interpolations, some of which only resolve inside Hydra)."""
-    hparams = RunDir(run_dir).hparams_yaml
-    if not hparams.is_file():
-        return None
-    resolved = yaml.load(hparams.read_text(), Loader=_HparamsLoader) or {}
-    return (resolved.get("logger") or {}).get("wandb")
-
-
-def _precision_rank(precision: str) -> int:
-    return PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
-
-
-# the GPU's training-step peak (validation apart); on a CPU only the process peak exists
-MEMORY_COLUMNS = {
-    "memory/train_peak_gib": "training peak GPU memory (GiB)",
-    "memory/peak_gib": "process peak RSS, CPU (GiB)",
-}
+def memory_column(runs: list[Run]) -> tuple[str, str] | None:
+    """The first of MEMORY_COLUMNS that every run logged, with its table name."""
+    return next(((c, name) for c, name in MEMORY_COLUMNS.items() if all(c in r.curve for r in runs)), None)
 
 
 def _spread(values) -> float:
     """Sample standard deviation over seeds; 0 for a single seed."""
-    values = np.asarray(values, dtype=float)
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _groups(runs: list[Run]) -> dict[str, list[Run]]:
@@ -157,76 +135,60 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
     thresholds = runs[0].thresholds
     rows = []
     for precision, group in _groups(runs).items():
-        row = {
-            "precision": label(precision),
-            "runs": len(group),
-            "seeds": ",".join(str(r.seed) for r in group),
-        }
+        row = {"precision": label(precision), "runs": len(group)}
+        row["seeds"] = ",".join(str(r.seed) for r in group)
         for t in thresholds:
-            times = np.array([r.time_to(t) for r in group])
-            reached = times[~np.isnan(times)]
-            row[f"time to {t:g} (s)"] = float(reached.mean()) if len(reached) else float("nan")
-            row[f"spread {t:g} (s)"] = _spread(reached) if len(reached) else float("nan")
-            row[f"reached {t:g}"] = f"{len(reached)}/{len(group)}"
+            reached = [c for c in (r.crossing(t) for r in group) if c]
+            times = [c["train_s"] for c in reached]
+            row[f"time to {t:g} (s)"] = float(np.mean(times)) if times else np.nan
+            row[f"spread {t:g} (s)"] = _spread(times) if times else np.nan
+            row[f"reached {t:g}"] = f"{len(times)}/{len(group)}"
             # validation included: a run whose validation dominates cannot look fast
-            walls = [r.crossing(t)["wall_s"] for r in group if r.crossing(t)]
-            row[f"wall to {t:g} (s)"] = float(np.mean(walls)) if walls else float("nan")
+            row[f"wall to {t:g} (s)"] = float(np.mean([c["wall_s"] for c in reached])) if reached else np.nan
         row["validation share of wall time"] = float(np.mean([r.validation_share for r in group]))
         row["best val/dice"] = float(np.mean([r.best_dice for r in group]))
         row["best val/dice spread"] = _spread([r.best_dice for r in group])
-        for column, name in MEMORY_COLUMNS.items():
-            if all(column in r.curve for r in group):
-                row[name] = float(np.mean([r.curve[column].max() for r in group]))
-                break
+        if memory := memory_column(group):
+            column, name = memory
+            row[name] = float(np.mean([r.curve[column].max() for r in group]))
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table[table["precision"] == label("32")]
     for t in thresholds:
-        column = f"time to {t:g} (s)"
-        table[f"speed-up vs fp32 at {t:g}"] = (
-            float(base[column].iloc[0]) / table[column] if len(base) else np.nan
-        )
+        fp32_s = float(base[f"time to {t:g} (s)"].iloc[0]) if len(base) else np.nan
+        table[f"speed-up vs fp32 at {t:g}"] = fp32_s / table[f"time to {t:g} (s)"]
     return table
-
-
-def crossing_text(record: dict) -> str:
-    """Training seconds (validation excluded), step and wall seconds (validation included) of a crossing."""
-    return f"{record['train_s']:.1f} s (step {record['step']}, wall {record['wall_s']:.1f} s)"
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: training seconds to each threshold, or `not reached`, and the best Dice."""
+    text = "{train_s:.1f} s (step {step}, wall {wall_s:.1f} s)"  # validation: out of train_s, in wall_s
     rows = []
     for run in runs:
         row = {"run": run.path.name, "precision": run.label, "seed": run.seed}
         for t in run.thresholds:
-            record = run.crossing(t)
-            row[f"{t:g}"] = crossing_text(record) if record else "not reached"
+            row[f"{t:g}"] = text.format(**record) if (record := run.crossing(t)) else "not reached"
         row["best val/dice"] = run.best_dice
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def equal_accuracy(runs: list[Run]) -> tuple[pd.DataFrame, str]:
-    """The reference talk's claim, checked: best validation Dice per precision (mean and spread
-    over seeds) and whether each precision differs from fp32 (else the first precision) by more
-    than the seed spread (the larger of the two standard deviations)."""
+    """The reference talk's claim, checked: best validation Dice per precision (mean and spread over seeds)
+    and whether it differs from fp32's (else the first precision's) by more than the larger spread."""
     groups = _groups(runs)
     reference = "32" if "32" in groups else next(iter(groups))
     ref_values = [r.best_dice for r in groups[reference]]
-    rows, differ = [], []
+    rows = []
     for precision, group in groups.items():
         values = [r.best_dice for r in group]
         delta = float(np.mean(values) - np.mean(ref_values))
-        spread = max(_spread(values), _spread(ref_values))
         if precision == reference:
             verdict = "reference"
         elif min(len(values), len(ref_values)) < 2:
             verdict = "one seed: no spread to compare with"
         else:
-            verdict = "yes" if abs(delta) > spread else "no"
-            if verdict == "yes":
-                differ.append(label(precision))
+            verdict = "yes" if abs(delta) > max(_spread(values), _spread(ref_values)) else "no"
         rows.append(
             {
                 "precision": label(precision),
@@ -237,15 +199,14 @@ def equal_accuracy(runs: list[Run]) -> tuple[pd.DataFrame, str]:
                 "differs beyond seed spread": verdict,
             }
         )
-    table = pd.DataFrame(rows)
-    compared = table["differs beyond seed spread"].isin(["yes", "no"])
-    if not compared.any():
+    differ = [r["precision"] for r in rows if r["differs beyond seed spread"] == "yes"]
+    if not any(r["differs beyond seed spread"] in ("yes", "no") for r in rows):
         answer = "not decided: every precision needs at least two seeds for a spread"
     elif differ:
         answer = f"no: {', '.join(differ)} differ from the reference by more than the seed spread"
     else:
         answer = "yes: every precision is within the seed spread of the reference"
-    return table, answer
+    return pd.DataFrame(rows), answer
 
 
 def wandb_summary(table: pd.DataFrame, accuracy: pd.DataFrame, answer: str) -> dict:
@@ -262,11 +223,9 @@ def wandb_summary(table: pd.DataFrame, accuracy: pd.DataFrame, answer: str) -> d
 
 
 def log_to_wandb(runs: list[Run], summary: dict, tables: dict[str, pd.DataFrame], out: Path) -> Path | None:
-    """Where the runs logged to W&B: one more run in their project and group (job type `report`),
-    offline where they were, whose summary holds the report's numbers and whose history the tables.
-    Returns its W&B dir, None where the runs had no W&B."""
-    config = runs[0].wandb
-    if config is None:
+    """Where the runs logged to W&B: one more run in their project and group (job type `report`), offline
+    where they were, with the report's numbers as its summary and the tables in its history; its W&B dir."""
+    if (config := runs[0].wandb) is None:
         return None
     import wandb
 
@@ -287,8 +246,13 @@ def log_to_wandb(runs: list[Run], summary: dict, tables: dict[str, pd.DataFrame]
     return out / "wandb"
 
 
+def save_figure(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
 def plot_curves(runs: list[Run], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax = Figure(figsize=(8, 5), dpi=120).subplots()
     styles = ["-", "--", ":", "-."]
     for run in runs:
         ax.plot(
@@ -300,16 +264,12 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
             label=f"{run.label}, seed {run.seed}",
         )
     _decorate(ax, runs, "Validation Dice vs training time, one curve per run")
-    path = out / "dice_vs_time.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(ax.figure, out / "dice_vs_time.png")
 
 
 def plot_mean_range(runs: list[Run], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for precision in dict.fromkeys(r.precision for r in runs):
-        group = [r for r in runs if r.precision == precision]
+    ax = Figure(figsize=(8, 5), dpi=120).subplots()
+    for precision, group in _groups(runs).items():
         # the span every seed covers, so the mean never jumps where a seed starts or ends
         start = max(r.curve["time/train_s"].min() for r in group)
         end = min(r.curve["time/train_s"].max() for r in group)
@@ -322,10 +282,7 @@ def plot_mean_range(runs: list[Run], out: Path) -> Path:
         ax.plot(grid, values.mean(0), color=colour, label=f"{group[0].label}: mean of {len(group)}")
         ax.fill_between(grid, values.min(0), values.max(0), color=colour, alpha=0.2)
     _decorate(ax, runs, "Best validation Dice so far: mean and range over seeds")
-    path = out / "dice_vs_time_mean.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(ax.figure, out / "dice_vs_time_mean.png")
 
 
 def _decorate(ax, runs: list[Run], title: str) -> None:
@@ -353,11 +310,10 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     table, per_run = summary_table(runs), runs_table(runs)
     accuracy, answer = equal_accuracy(runs)
-    csv_path, md_path = out / "time_to_accuracy.csv", out / "time_to_accuracy.md"
-    runs_path, accuracy_path = out / "runs.csv", out / "equal_accuracy.csv"
-    table.to_csv(csv_path, index=False)
-    per_run.to_csv(runs_path, index=False)
-    accuracy.to_csv(accuracy_path, index=False)
+    tables = {"time_to_accuracy": table, "runs": per_run, "equal_accuracy": accuracy}
+    for name, frame in tables.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
+    md_path = out / "time_to_accuracy.md"
     md_path.write_text(
         f"# Time to accuracy: {runs[0].task} on {runs[0].device}\n\n"
         f"{len(runs)} runs from `{sweep_dir}`. Times are training seconds with validation excluded, as "
@@ -369,19 +325,15 @@ def write_report(sweep_dir: Path, out: Path | None = None, wandb: bool = True) -
         f"## Equal accuracy?\n\n{answer}.\n\n{_markdown(accuracy)}\n"
     )
     files = {
-        "csv": csv_path,
+        "csv": out / "time_to_accuracy.csv",
         "markdown": md_path,
-        "runs": runs_path,
-        "equal_accuracy": accuracy_path,
+        "runs": out / "runs.csv",
+        "equal_accuracy": out / "equal_accuracy.csv",
         "curves": plot_curves(runs, out),
         "mean_range": plot_mean_range(runs, out),
     }
-    if wandb:
-        summary = wandb_summary(table, accuracy, answer)
-        tables = {"time_to_accuracy": table, "runs": per_run, "equal_accuracy": accuracy}
-        wandb_dir = log_to_wandb(runs, summary, tables, out)
-        if wandb_dir is not None:
-            files["wandb"] = wandb_dir
+    if wandb and (wandb_dir := log_to_wandb(runs, wandb_summary(table, accuracy, answer), tables, out)):
+        files["wandb"] = wandb_dir
     return files
 
 

@@ -28,12 +28,11 @@ class SyntheticBatches(Iterable):
 
 def synthetic_inputs(cfg: DictConfig, batch_size: int, device: torch.device, sets: int) -> list[dict]:
     """`sets` random batches of the task's patch: images and labels of its label count."""
-    shape = (batch_size, cfg.task.in_channels, *cfg.task.patch_size)
-    label_shape = (batch_size, 1, *cfg.task.patch_size)
+    patch, labels = list(cfg.task.patch_size), len(cfg.task.labels)
     return [
         {
-            "image": torch.randn(shape, device=device),
-            "label": torch.randint(0, len(cfg.task.labels), label_shape, device=device).float(),
+            "image": torch.randn(batch_size, cfg.task.in_channels, *patch, device=device),
+            "label": torch.randint(0, labels, (batch_size, 1, *patch), device=device).float(),
         }
         for _ in range(sets)
     ]
@@ -44,21 +43,18 @@ def synthetic_batches(cfg: DictConfig, batch_size: int, device: torch.device, st
 
 
 def fit_steps(trainer: Trainer, module: LightningModule, batches: Iterable[dict]) -> None:
-    """`trainer.fit` of a `step_trainer`: training steps alone, no validation loop (which Lightning
-    warns of, as of its own deprecation: neither is a finding here)."""
+    """`trainer.fit` of a `step_trainer`, without Lightning's warnings of no validation loop and its own
+    deprecation (neither is a finding here)."""
+    no_validation = "You defined a `validation_step` but have no `val_dataloader`"
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=LIGHTNING_OWN_DEPRECATION)
-        warnings.filterwarnings(
-            "ignore", message="You defined a `validation_step` but have no `val_dataloader`"
-        )
+        warnings.filterwarnings("ignore", message=f"{LIGHTNING_OWN_DEPRECATION}|{no_validation}")
         trainer.fit(module, train_dataloaders=batches)
 
 
 def step_trainer(
     cfg: DictConfig, steps: int, callbacks: list[Callback], root: str, profiler: Profiler | None = None
 ) -> Trainer:
-    """The run's Trainer (precision, cuDNN benchmark and determinism from `trainer.*`) for `steps`
-    training steps on one device, writing nothing but into `root`."""
+    """The run's Trainer (precision, cuDNN, determinism) for `steps` steps on one device, in `root`."""
     return build_trainer(
         cfg,
         devices=1,

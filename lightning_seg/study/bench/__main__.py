@@ -1,12 +1,8 @@
 """`python -m lightning_seg.study.bench [bench=cpu_smoke] [overrides]`: the reference talk's step table.
 
-For every grid point (precision x model x patch x batch) it times warm-up plus N steps of the
-project's training step, phase by phase, and writes bench.json, bench.md and PNG charts into
-the run dir. An out-of-memory point is recorded as such and the grid goes on.
-
-`bench=loader` times the same step fed by the task's real training loader against synthetic
-input, at the task's patch and `data.batch_size`, and prints both rates and their ratio.
-"""
+Warm-up plus N timed training steps, phase by phase, at every grid point (precision x model x patch x
+batch) into bench.json, bench.md and charts in the run dir; a failing point (out of memory included) is
+recorded and the grid goes on. `bench=loader`: the step fed by the task's real loader, against synthetic."""
 
 import itertools
 import json
@@ -25,7 +21,6 @@ from lightning_seg.entry import user_errors
 from lightning_seg.environment import environment_info
 from lightning_seg.precision import label
 from lightning_seg.study import auto_precision
-from lightning_seg.study.auto_precision import untimed_reason
 from lightning_seg.study.bench import bare_loop
 from lightning_seg.study.bench.step import measure
 from lightning_seg.study.bench.tables import markdown_table, plot_memory, plot_phases
@@ -35,10 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def grid(cfg: DictConfig) -> list[tuple[str, str, int | None, int]]:
-    """(precision, model, patch edge, batch) points; in loader mode the task's patch (edge None)."""
     precisions = list(cfg.bench.precisions) or [cfg.precision]
     models = list(cfg.bench.models) or [HydraConfig.get().runtime.choices["model"]]
-    points = [(None, cfg.data.batch_size)] if cfg.bench.loader else cfg.bench.points
+    points = [(None, cfg.data.batch_size)] if cfg.bench.loader else cfg.bench.points  # None: task's patch
     return [
         (str(p), m, None if edge is None else int(edge), int(batch))
         for p, m, (edge, batch) in itertools.product(precisions, models, points)
@@ -59,39 +53,33 @@ def attempt(name: str, fn, device) -> dict:
             torch.cuda.empty_cache()
 
 
-def mean_of_rounds(rounds: list[dict]) -> dict:
-    """Per-phase mean of the rounds' medians (the first round keeps its other fields)."""
-    if any("median_s" not in r for r in rounds):
-        return next(r for r in rounds if "median_s" not in r)
-    phases = rounds[0]["median_s"]
-    return {
-        **rounds[0],
-        "median_s": {k: sum(r["median_s"][k] for r in rounds) / len(rounds) for k in phases},
-        "rounds_median_s": [r["median_s"] for r in rounds],
-    }
-
-
 def side_by_side(runs: dict, device) -> dict:
-    """A-B-B-A rounds of two measurements: whichever runs first pays for warming kernels and allocator."""
-    first, second = runs
+    """A-B-B-A rounds of two measurements (whichever runs first pays for warming kernels and allocator):
+    per phase the mean of the rounds' medians, with the first round's other fields; or a failed round."""
     results = {name: [] for name in runs}
-    for name in (first, second, second, first):
+    for name in [*runs, *reversed(runs)]:
         results[name].append(attempt(name, runs[name], device))
-    return {name: mean_of_rounds(rounds) for name, rounds in results.items()}
+    for name, rounds in results.items():
+        medians = [r["median_s"] for r in rounds if "median_s" in r]
+        if len(medians) < len(rounds):
+            results[name] = next(r for r in rounds if "median_s" not in r)
+        else:
+            mean = {k: sum(m[k] for m in medians) / len(medians) for k in medians[0]}
+            results[name] = {**rounds[0], "median_s": mean, "rounds_median_s": medians}
+    return results
 
 
 def run_point(
     base: list[str], precision: str, model: str, edge: int | None, batch: int, device, bare: bool, datamodule
 ) -> dict:
-    """One grid point: the bench config composed from `base` overrides plus the point's own; with
-    `bare`, the bare PyTorch loop at the same point, side by side."""
+    """One grid point (`base` overrides plus its own), beside the real loader or (`bare`) the bare loop."""
     overrides = [*base, f"precision={precision}", f"model={model}"]
     if edge is not None:
         overrides.append(f"task.patch_size=[{edge},{edge},{edge}]")
     cfg = compose(config_name="bench", overrides=overrides)
     patch = edge if edge is not None else "x".join(str(e) for e in cfg.task.patch_size)
     record = {"precision": precision, "model": model, "patch": patch, "batch": batch}
-    slow = None if cfg.bench.slow_fallbacks else untimed_reason(precision, device)
+    slow = None if cfg.bench.slow_fallbacks else auto_precision.untimed_reason(precision, device)
     if slow:  # minutes per point for a number known in advance: 10-40x fp32
         log.info("%s %s: %s (bench.slow_fallbacks=true times it)", model, label(precision), slow)
         return {**record, "project": {"error": slow}}
@@ -114,8 +102,7 @@ def run_point(
 
 
 def probe_against_grid(base: list[str], records: list[dict], device, margin: float) -> list[dict]:
-    """precision=auto's probe at every (model, patch, batch) of the grid, beside the grid's own choice:
-    the precision the same rule takes from the grid's step intervals."""
+    """precision=auto's probe at each (model, patch, batch) of the grid, beside its rule's pick from it."""
     rows = []
     for model, patch, batch in dict.fromkeys((r["model"], r["patch"], r["batch"]) for r in records):
         overrides = [*base, f"model={model}", f"data.batch_size={batch}", "precision=32"]
@@ -123,16 +110,14 @@ def probe_against_grid(base: list[str], records: list[dict], device, margin: flo
             overrides.append(f"task.patch_size=[{patch},{patch},{patch}]")
         cfg = compose(config_name="bench", overrides=overrides)
         probe = attempt("probe", lambda cfg=cfg: auto_precision.probe(cfg, device), device)
-        order = auto_precision.candidates(device)
         intervals = {  # what the probe times too: the step with Lightning's work between steps
             r["precision"]: r["project"]["step_interval_s"]
             for r in records
             if (r["model"], r["patch"], r["batch"]) == (model, patch, batch) and "median_s" in r["project"]
         }
-        grid_choice = auto_precision.fastest(intervals, order, margin) if intervals else None
-        rows.append(
-            {"model": model, "patch": patch, "batch": batch, "probe": probe, "grid_choice": grid_choice}
-        )
+        order = auto_precision.candidates(device)
+        choice = auto_precision.fastest(intervals, order, margin) if intervals else None
+        rows.append({"model": model, "patch": patch, "batch": batch, "probe": probe, "grid_choice": choice})
     return rows
 
 
@@ -154,9 +139,8 @@ def main(cfg: DictConfig) -> None:
     base = list(HydraConfig.get().overrides.task)
     records = [run_point(base, *point, device, cfg.bench.bare_loop, datamodule) for point in grid(cfg)]
     probes = probe_against_grid(base, records, device, cfg.auto_precision.margin) if cfg.bench.probe else []
-    env = environment_info()  # after the points: the flags their Trainers set
     result = {
-        "environment": env,
+        "environment": environment_info(),  # after the points: the flags their Trainers set
         "bench": OmegaConf.to_container(cfg.bench, resolve=True),
         "speed": {**OmegaConf.to_container(cfg.speed, resolve=True), "reproducible": cfg.reproducible},
         "trainer": {"benchmark": cfg.trainer.benchmark, "deterministic": cfg.trainer.deterministic},

@@ -1,12 +1,9 @@
 """Training throughput of N processes against one: the same config trained both ways, alternately.
 
-Each run is a real `lightning_seg.training` run in its own process (DDP starts its own); the rate is
-the run's `perf/samples_per_s` at its last validation (patches of all processes per second of
-training time, validation excluded). Runs go A-B-B-A so a drift of the machine hits both sides.
-Prints the table and the ratio; `--out FILE.md` also writes it.
+Each run is a real `lightning_seg.training` process; its rate is its last `perf/samples_per_s` (patches of
+all processes per second of training time). Runs go A-B-B-A so a drift of the machine hits both sides.
 
-usage: python -m lightning_seg.study.bench.scaling [--multi hardware=ddp_cpu] [--repeats 2] [OVERRIDE ...]
-"""
+usage: python -m lightning_seg.study.bench.scaling [--multi hardware=ddp_cpu] [--repeats 2] [OVERRIDE ...]"""
 
 import argparse
 import statistics
@@ -24,8 +21,7 @@ from lightning_seg.run_dir import RunDir
 def samples_per_s(overrides: list[str], run_dir: Path) -> float:
     command = [sys.executable, "-m", "lightning_seg.training", *overrides, f"hydra.run.dir={run_dir}"]
     subprocess.run(command, check=True, capture_output=True)
-    log = pd.read_csv(RunDir(run_dir).metrics_csv)
-    return float(log["perf/samples_per_s"].dropna().iloc[-1])
+    return float(pd.read_csv(RunDir(run_dir).metrics_csv)["perf/samples_per_s"].dropna().iloc[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,8 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     sides = {"1 process": args.single.split(), "N processes": args.multi.split()}
     rates: dict[str, list[float]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        order = [name for _ in range(args.repeats) for name in (*sides, *reversed(list(sides)))]
-        for i, name in enumerate(order):
+        for i, name in enumerate([*sides, *reversed(sides)] * args.repeats):
             rate = samples_per_s([*args.overrides, *sides[name]], Path(tmp) / str(i))
             rates[name].append(rate)
             print(f"{name}: {rate:.2f} samples/s", flush=True)

@@ -1,20 +1,18 @@
 """The benchmark's Markdown table (laid out like the reference talk's) and its charts."""
 
-import matplotlib
+from contextlib import contextmanager
+from operator import itemgetter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # not pyplot: no backend to choose, no figure to close
 
-from lightning_seg.precision import label  # noqa: E402
-from lightning_seg.study.callbacks.step_breakdown import PHASES  # noqa: E402
+from lightning_seg.precision import label
+from lightning_seg.study.callbacks.step_breakdown import PHASES
+
+_point = itemgetter("model", "patch", "batch")
 
 
 def _ok(points: list[dict]) -> list[dict]:
     return [p for p in points if "median_s" in p.get("project", {})]
-
-
-def _same_point(a: dict, b: dict) -> bool:
-    return all(a[k] == b[k] for k in ("model", "patch", "batch"))
 
 
 def patch_label(point: dict) -> str:
@@ -28,9 +26,8 @@ def _device(env: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     env, points = result["environment"], result["points"]
-    device = _device(env)
     lines = [
-        f"# Training-step breakdown on {device}",
+        f"# Training-step breakdown on {_device(env)}",
         "",
         f"torch {env['torch']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}, "
         f"TF32 switches set per precision (fp32 = TF32 off). Median of {result['bench']['steps']} steps "
@@ -48,19 +45,15 @@ def markdown_table(result: dict) -> str:
             lines.append(f"{head} {ours.get('error', 'not run')} |" + " |" * 13)
             continue
         m = ours["median_s"]
-        speedups = []
-        for ref in ("32", "tf32"):
-            base = [q for q in _ok(points) if q["precision"] == ref and _same_point(q, p)]
-            speedups.append(f"{base[0]['project']['median_s']['total'] / m['total']:.2f}" if base else "-")
+        cells = [f"{m[k]:.4f}" for k in ("total", *PHASES)]
+        cells += [f"{ours['peak_memory_gib']:.2f}", f"{ours['tflop_per_s']:.2f}"]
+        for ref in ("32", "tf32"):  # x vs fp32, x vs TF32
+            base = [q for q in _ok(points) if q["precision"] == ref and _point(q) == _point(p)]
+            cells.append(f"{base[0]['project']['median_s']['total'] / m['total']:.2f}" if base else "-")
         loop = p.get("bare", {})
-        bare = f"{loop['median_s']['total']:.4f}" if "median_s" in loop else loop.get("error", "-")
-        ratio = f"{p['project_over_bare']:.3f}" if "project_over_bare" in p else "-"
-        lines.append(
-            f"{head} {m['total']:.4f} | "
-            + " | ".join(f"{m[k]:.4f}" for k in PHASES)
-            + f" | {ours['peak_memory_gib']:.2f} | {ours['tflop_per_s']:.2f} | {speedups[0]} | {speedups[1]}"
-            f" | {bare} | {ratio} |"
-        )
+        cells.append(f"{loop['median_s']['total']:.4f}" if "median_s" in loop else loop.get("error", "-"))
+        cells.append(f"{p['project_over_bare']:.3f}" if "project_over_bare" in p else "-")
+        lines.append(f"{head} {' | '.join(cells)} |")
     if any("loader" in p for p in points):
         lines += ["", *loader_table(points)]
     if result.get("precision_auto", {}).get("points"):
@@ -69,7 +62,6 @@ def markdown_table(result: dict) -> str:
 
 
 def loader_table(points: list[dict]) -> list[str]:
-    """Training samples per second with the real loader against synthetic input, same step."""
     lines = [
         "## Real loader against synthetic input",
         "",
@@ -118,7 +110,6 @@ def probe_table(result: dict) -> list[str]:
         if "error" in probe:
             lines.append(f"{head} {probe['error']} |" + " |" * 6)
             continue
-
         grid, train, infer = row["grid_choice"], probe["train"], probe["inference_precision"]
         agree = ("yes" if grid == train else "no") if grid else "-"
         unsafe = probe["training"].get(grid, {}).get("error", "") if grid != train else ""
@@ -132,34 +123,30 @@ def probe_table(result: dict) -> list[str]:
     return [*lines, *(f"- {reason}" for reason in sorted(untimed)), ""]
 
 
-def _figure(result: dict):
-    """Points that were measured, their bar labels, and an empty figure sized for them."""
+@contextmanager
+def _chart(result: dict, path, ylabel: str, title: str):
+    """A bar chart of the measured points: yields them, their bar labels and the axes, then saves."""
     points = _ok(result["points"])
     labels = [f"{p['model']}\n{patch_label(p)} b{p['batch']}\n{label(p['precision'])}" for p in points]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120)
-    return points, labels, fig, ax
-
-
-def _save(fig, ax, path, result: dict, ylabel: str, title: str) -> None:
+    ax = Figure(figsize=(max(6, 1.1 * len(points)), 4.5), dpi=120).subplots()
+    yield points, labels, ax
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} on {_device(result['environment'])}", fontsize=10)
     ax.tick_params(axis="x", labelsize=7)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    ax.figure.savefig(path, bbox_inches="tight")
 
 
 def plot_phases(result: dict, path) -> None:
-    points, labels, fig, ax = _figure(result)
-    bottom = [0.0] * len(points)
-    for phase in PHASES:
-        values = [p["project"]["median_s"][phase] for p in points]
-        ax.bar(labels, values, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.legend(fontsize=8)
-    _save(fig, ax, path, result, "seconds per training step (median)", "Training step by phase")
+    with _chart(result, path, "seconds per training step (median)", "Training step by phase") as chart:
+        points, labels, ax = chart
+        bottom = [0.0] * len(points)
+        for phase in PHASES:
+            values = [p["project"]["median_s"][phase] for p in points]
+            ax.bar(labels, values, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.legend(fontsize=8)
 
 
 def plot_memory(result: dict, path) -> None:
-    points, labels, fig, ax = _figure(result)
-    ax.bar(labels, [p["project"]["peak_memory_gib"] for p in points], color="tab:gray")
-    _save(fig, ax, path, result, "peak memory (GiB)", "Peak memory per point")
+    with _chart(result, path, "peak memory (GiB)", "Peak memory per point") as (points, labels, ax):
+        ax.bar(labels, [p["project"]["peak_memory_gib"] for p in points], color="tab:gray")

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import torch
 from pytorch_lightning import Callback, Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_seg.errors import UserError
 from lightning_seg.model.module import SegmentationModule, grad_scaler, loss_scale
@@ -16,22 +15,12 @@ class NonFiniteLossError(UserError):
     """Training diverged (NaN/inf loss or weights); stopped before a checkpoint could hold the damage."""
 
 
-def weights_finite(module: torch.nn.Module) -> bool:
-    checks = [torch.isfinite(p).all() for p in module.parameters()]
-    return bool(torch.stack(checks).all()) if checks else True  # one host sync
-
-
 class AmpGuard(Callback):
-    """Under fp16 AMP, logs `train/loss_scale` (the grad scaler's scale after each step) and
-    `train/amp_skipped_steps` (steps whose optimizer update the scaler skipped for inf/NaN gradients,
-    counted across resumes; the module records each skip and keeps step-interval LR schedulers from
-    advancing on it). Without a grad scaler neither is logged.
-
-    For every precision: a training loss that stays non-finite for `max_nonfinite_steps` consecutive
-    steps stops the run with NonFiniteLossError, naming the step where it started and suggesting another
-    precision; and no checkpoint is ever written from non-finite weights (a save raises the same error
-    first), so the last good checkpoint on disk stays as it was.
-    """
+    """With a grad scaler (fp16 AMP), logs `train/loss_scale` and `train/amp_skipped_steps` (scaler updates
+    skipped for inf/NaN gradients, counted across resumes; the module records each skip and keeps
+    step-interval LR schedulers from advancing on it). For every precision, a loss non-finite for
+    `max_nonfinite_steps` steps in a row stops the run with NonFiniteLossError; saving non-finite weights
+    raises first, so the last good checkpoint on disk stays as it was."""
 
     def __init__(self, max_nonfinite_steps: int = 20) -> None:
         if max_nonfinite_steps < 1:
@@ -40,30 +29,18 @@ class AmpGuard(Callback):
         self.skipped_steps: torch.Tensor | int = 0  # a device tensor while training: no sync per step
         self.nonfinite_steps = 0  # consecutive, up to the last step
         self.nonfinite_since: dict | None = None  # where the current run of non-finite losses started
-        self._step = 0
-        self._epoch = 0
+        self._step = self._epoch = 0
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx) -> None:
         self._step, self._epoch = trainer.global_step, trainer.current_epoch
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx: int
-    ) -> None:
-        scaler = grad_scaler(trainer)
-        if scaler is not None:
-            skipped = pl_module.amp_step_skipped
-            if skipped is not None:
-                self.skipped_steps = self.skipped_steps + skipped
-            pl_module.log("train/loss_scale", loss_scale(scaler), on_step=True, on_epoch=False, batch_size=1)
-            pl_module.log(
-                "train/amp_skipped_steps",
-                torch.as_tensor(self.skipped_steps, dtype=torch.float32),
-                on_step=True,
-                on_epoch=False,
-                batch_size=1,
-            )
+    def on_train_batch_end(self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx):
+        if (scaler := grad_scaler(trainer)) is not None:
+            if pl_module.amp_step_skipped is not None:
+                self.skipped_steps = self.skipped_steps + pl_module.amp_step_skipped
+            skipped = torch.as_tensor(self.skipped_steps, dtype=torch.float32)
+            metrics = {"train/loss_scale": loss_scale(scaler), "train/amp_skipped_steps": skipped}
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         # one host sync per step (the progress bar and a non-fused GradScaler read every step's values too);
         # a step the module skipped (no loss) counts as finite
@@ -81,7 +58,8 @@ class AmpGuard(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: SegmentationModule, checkpoint: dict) -> None:
         # runs before the file is written: raising here leaves the previous checkpoint on disk untouched
-        if not weights_finite(pl_module):
+        checks = [torch.isfinite(p).all() for p in pl_module.parameters()]
+        if checks and not bool(torch.stack(checks).all()):  # one host sync
             raise NonFiniteLossError(
                 self._message(trainer, "and the weights are no longer finite; stopped before saving them")
             )
@@ -93,14 +71,8 @@ class AmpGuard(Callback):
             if since
             else f"training diverged at step {self._step} (epoch {self._epoch}) "
         )
-        last = next(
-            (
-                c.last_model_path or c.best_model_path
-                for c in trainer.callbacks
-                if isinstance(c, ModelCheckpoint)
-            ),
-            "",
-        )
+        checkpoint = trainer.checkpoint_callback
+        last = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
         kept = f"; the last checkpoint is {last}" if last else "; no checkpoint was written"
         lr = "a lower learning rate (optimizer.optimizer.lr)"
         if trainer.precision == "32-true":

@@ -1,8 +1,6 @@
 """`data.batch_size=auto`: the largest batch whose predicted training step fits this GPU's free memory.
-
-A callback, as Lightning's own BatchSizeFinder is: its `setup` runs in every process once the device
-is known and before the training loader is built, so the datamodule's batch can still change there.
-"""
+A callback, as Lightning's own BatchSizeFinder is: its `setup` runs in every process once the device is
+known and before the training loader is built, so the datamodule's batch can still change there."""
 
 import logging
 
@@ -20,10 +18,9 @@ GIB = 2**30
 
 
 class AutoBatch(Callback):
-    """Chooses `data.batch_size` when it is `auto` (otherwise does nothing): the memory planner's
-    largest batch for the free memory of global rank zero's GPU (all processes take that one), capped at
-    what the training cases of one process feed per step. The choice, its predicted peak and, at the end,
-    the measured one are recorded in the module's `fast_path["auto_batch"]` (environment.json)."""
+    """With `data.batch_size=auto`: the memory planner's largest batch for global rank zero's free GPU
+    memory (all processes take it), capped at what one process's training cases feed per step. The choice,
+    its predicted and, at the end, its measured peak go into `fast_path["auto_batch"]` (environment.json)."""
 
     def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -53,11 +50,8 @@ class AutoBatch(Callback):
             batch = choice["capped_by_cases"] = cap
             choice["predicted_peak_gib"] = train_step_memory(cfg, batch=cap).peak_bytes / GIB
         log.info(
-            "data.batch_size=auto: %d (predicted step peak %.2f GiB of %.2f GiB free, %.1f GiB card)",
-            batch,
-            choice["predicted_peak_gib"],
-            free / GIB,
-            total / GIB,
+            f"data.batch_size=auto: {batch} (predicted step peak {choice['predicted_peak_gib']:.2f} GiB of "
+            f"{free / GIB:.2f} GiB free, {total / GIB:.1f} GiB card)"
         )
         datamodule.batch_size = batch
         pl_module.hparams["run_config"]["data"]["batch_size"] = batch  # checkpoints hold the number

@@ -23,10 +23,9 @@ MAX_OVER_PROCESSES = {"sync_dist": True, "reduce_fx": "max"}
 
 
 class PeakMemory(Callback):
-    """On a GPU: `memory/train_peak_gib`, the peak allocated by the training steps since the previous
-    validation, and `memory/val_peak_gib`, the peak of whole-volume validation (the CUDA peak counter
-    is reset at each boundary). On a CPU a process's peak resident set cannot be reset, so only
-    `memory/peak_gib` is logged: the process peak so far, data cache and validation included."""
+    """On a GPU: `memory/train_peak_gib` (the training steps since the previous validation) and
+    `memory/val_peak_gib` (whole-volume validation), the CUDA peak counter being reset at each boundary.
+    On a CPU, whose resident-set peak cannot be reset, only `memory/peak_gib` (the process peak so far)."""
 
     def __init__(self) -> None:
         self._train_peak: float | None = None
@@ -48,11 +47,10 @@ class PeakMemory(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if pl_module.device.type != "cuda":
-            pl_module.log("memory/peak_gib", peak_memory_gib(pl_module.device), **MAX_OVER_PROCESSES)
-            return
-        pl_module.log("memory/val_peak_gib", peak_memory_gib(pl_module.device), **MAX_OVER_PROCESSES)
-        if self._train_peak is not None:
+        cuda = pl_module.device.type == "cuda"
+        name = "memory/val_peak_gib" if cuda else "memory/peak_gib"
+        pl_module.log(name, peak_memory_gib(pl_module.device), **MAX_OVER_PROCESSES)
+        if cuda and self._train_peak is not None:
             pl_module.log("memory/train_peak_gib", self._train_peak, **MAX_OVER_PROCESSES)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

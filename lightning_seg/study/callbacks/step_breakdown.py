@@ -1,6 +1,7 @@
 """Per-phase timing of real training steps: forward, loss, backward, optimizer."""
 
 import time
+from itertools import pairwise
 
 import torch
 from pytorch_lightning import Callback, Trainer
@@ -22,37 +23,28 @@ class PhaseClock:
         self.marks: dict[str, object] = {}
 
     def mark(self, name: str) -> None:
-        if name in self.marks:
-            return
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks[name] = event
-        else:
-            self.marks[name] = time.perf_counter()
+        if name not in self.marks:
+            self.marks[name] = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+            if self.cuda:
+                self.marks[name].record()
 
     def durations(self) -> dict[str, float] | None:
         """Seconds per phase and `total`, or None when the step did not pass every mark in order."""
         if list(self.marks) != list(MARKS):  # e.g. a step the optimizer skipped
             return None
-        bounds = [self.marks[k] for k in MARKS]
         if self.cuda:
             torch.cuda.synchronize()
-            seconds = [a.elapsed_time(b) / 1000 for a, b in zip(bounds, bounds[1:], strict=False)]
+            seconds = [a.elapsed_time(b) / 1000 for a, b in pairwise(self.marks.values())]
         else:
-            seconds = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+            seconds = [b - a for a, b in pairwise(self.marks.values())]
         return {**dict(zip(PHASES, seconds, strict=True)), "total": sum(seconds)}
 
 
 class StepBreakdown(Callback):
-    """Every `every_n_steps` training steps, time one step phase by phase and log
-    `step/<phase>_s`, `step/total_s` and `step/peak_memory_gib`.
-
-    Phases are split where Lightning's hooks and the network's forward hook fire, so this times the
-    step exactly as training runs it (precision plugin, grad scaler, optimizer config included).
-    Other steps pay one integer comparison. `every_n_steps=0` turns it off. `keep=True` also keeps
-    every measured step in `history` (the step benchmark reads it).
-    """
+    """Every `every_n_steps` training steps (0: never), times one step phase by phase and logs
+    `step/<phase>_s`, `step/total_s` and `step/peak_memory_gib`; other steps pay one integer comparison.
+    Phases split where Lightning's hooks and the network's forward hook fire: the step runs as in training
+    (precision plugin, grad scaler, optimizer). `keep=True` keeps each in `history` (the step benchmark's)."""
 
     def __init__(self, every_n_steps: int = 50, keep: bool = False) -> None:
         self.every_n_steps = every_n_steps
@@ -64,8 +56,7 @@ class StepBreakdown(Callback):
 
     def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
         if self.every_n_steps > 0 and self._hook is None:
-            # kept out of torch.compile's graph: a host clock cannot be traced (a graph break either way,
-            # after the network's last op)
+            # a host clock cannot be traced: kept out of torch.compile (a graph break after the last op)
             self._hook = pl_module.net.register_forward_hook(
                 torch.compiler.disable(lambda *_: self._mark("forward"))
             )
@@ -79,9 +70,7 @@ class StepBreakdown(Callback):
         if self._clock is not None:
             self._clock.mark(name)
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
             self._clock = PhaseClock(pl_module.device.type == "cuda")
             self._measured_step = trainer.global_step
@@ -93,14 +82,11 @@ class StepBreakdown(Callback):
     def on_after_backward(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
         self._mark("backward")
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx
-    ) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx):
         if self._clock is None:
             return
         self._mark("optimizer")
-        clock, self._clock = self._clock, None
-        seconds = clock.durations()
+        seconds, self._clock = self._clock.durations(), None
         if seconds is None:
             return
         if self.keep:

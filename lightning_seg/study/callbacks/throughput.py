@@ -2,6 +2,7 @@
 
 import logging
 import time
+from itertools import pairwise
 
 from pytorch_lightning import Callback, Trainer
 
@@ -15,17 +16,13 @@ log = logging.getLogger(__name__)
 class Throughput(Callback):
     """Logs `time/data_wait_s` (seconds the training loop waited inside the loader's `next()`),
     `perf/data_wait_frac` (that wait over training time, validation excluded), `perf/samples_per_s`
-    (patches trained per second of training time) and, for a compiled network, `time/compile_s`
-    once: how much longer the first step took than the second (graph capture and kernel builds).
-
-    Needs the TrainingClock callback and Lightning's profiler set to DataWaitProfiler.
-    """
+    (patches per second of training time) and, for a compiled network, `time/compile_s` (how much longer
+    the first step took than the second). Needs TrainingClock and the profiler set to DataWaitProfiler."""
 
     def __init__(self) -> None:
         self.samples = 0
         self._wait_before_resume = 0.0  # the profiler counts from zero in every process
         self._step_starts: list[float] = []
-        self._compile_logged = False
         self._trainer: Trainer | None = None
 
     def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
@@ -37,19 +34,16 @@ class Throughput(Callback):
             )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: SegmentationModule, batch, batch_idx) -> None:
-        if len(self._step_starts) < 3:
-            self._step_starts.append(time.perf_counter())
+        if len(self._step_starts) == 3:
+            return
+        self._step_starts.append(time.perf_counter())
+        if len(self._step_starts) == 3 and pl_module.fast_path["compiled"]:
+            first, second = (b - a for a, b in pairwise(self._step_starts))
+            pl_module.fast_path["compile_s"] = max(0.0, first - second)
+            log.info("torch.compile: the first step took %.1f s longer than the second", first - second)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: SegmentationModule, outputs, batch, batch_idx):
         self.samples += len(batch["image"]) * trainer.world_size
-        if len(self._step_starts) == 3 and not self._compile_logged:
-            self._compile_logged = True
-            if pl_module.fast_path["compiled"]:
-                first, second = (
-                    b - a for a, b in zip(self._step_starts, self._step_starts[1:], strict=False)
-                )
-                pl_module.fast_path["compile_s"] = max(0.0, first - second)
-                log.info("torch.compile: the first step took %.1f s longer than the second", first - second)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: SegmentationModule) -> None:
         clock = next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)

@@ -11,10 +11,9 @@ from lightning_seg.study.callbacks.training_clock import TrainingClock
 
 
 class TimeToAccuracy(Callback):
-    """Records the first training time (validation excluded), wall time, step and epoch at which
-    `monitor` reaches each threshold. Writes them to `path` after every validation and to the
-    W&B run summary; stops training once `stop_at` is reached (as MLPerf's 3D U-Net does).
-    Needs the TrainingClock callback."""
+    """Records the first training time (validation excluded), wall time, step and epoch at which `monitor`
+    reaches each threshold, in `path` after every validation and in the W&B run summary; stops training
+    once `stop_at` is reached (as MLPerf's 3D U-Net does). Needs the TrainingClock callback."""
 
     def __init__(
         self, thresholds: Sequence[float], path: str, monitor: str = "val/dice", stop_at: float | None = None
@@ -47,12 +46,9 @@ class TimeToAccuracy(Callback):
         if self.stop_at is not None and value >= self.stop_at:
             trainer.should_stop = True
 
-    def summary(self) -> dict:
-        """What time_to_accuracy.json holds (the report and the dashboard read it)."""
-        return {key: getattr(self, key) for key in ("monitor", "thresholds", "stop_at", "best", "reached")}
-
     def _write(self, trainer: Trainer) -> None:
-        write_json(self.path, self.summary())
+        keys = ("monitor", "thresholds", "stop_at", "best", "reached")  # what the report and dashboard read
+        write_json(self.path, {key: getattr(self, key) for key in keys})
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 summary = logger.experiment.summary

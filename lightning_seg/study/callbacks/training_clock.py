@@ -9,12 +9,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 
 class TrainingClock(Callback):
-    """Logs `time/train_s` (training only, accumulated across resumes) and `time/wall_s`
-    (including validation) at the end of each validation during fit.
-
-    Lightning's `Timer` counts validation inside its "train" stage and restarts on resume,
-    hence this small clock; its state is saved in checkpoints.
-    """
+    """Logs `time/train_s` (training only, accumulated across resumes) and `time/wall_s` (including
+    validation) at the end of each validation during fit. Lightning's `Timer` counts validation inside
+    its "train" stage and restarts on resume, hence this small clock; its state is saved in checkpoints."""
 
     def __init__(self) -> None:
         self.train_s = 0.0  # finished training segments
@@ -32,9 +29,8 @@ class TrainingClock(Callback):
                 logger.experiment.define_metric("val/*", step_metric="time/train_s")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._fit_start = time.perf_counter()
+        self._fit_start = self._segment_start = time.perf_counter()
         self._wall_at_fit_start = self.wall_s
-        self._segment_start = self._fit_start
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._segment_start is not None:  # pause: validation is not training
@@ -42,11 +38,8 @@ class TrainingClock(Callback):
             self._segment_start = None
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (
-            trainer.state.fn == TrainerFn.FITTING
-            and not trainer.sanity_checking
-            and self._fit_start is not None
-        ):
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self._fit_start is not None:
             self._segment_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from pytorch_lightning import Callback, Trainer
@@ -21,14 +20,11 @@ ALPHA = 0.5  # label colour over the image
 
 
 class ValidationImages(Callback):
-    """At every validation (not the sanity check), for the first `count` validation batches this
-    process sees (fixed cases: validation is not shuffled; under DDP, cases global rank zero
-    validates), draw the slice with the most reference foreground along each of the three axes:
-    the image, the reference over it and the prediction over it, one colour per label with a
-    legend. Writes `dirpath/epochEEEE-stepSSSSSS-<case>.png` and, with a WandbLogger, logs the
-    slices as `wandb.Image` under `val_images` with `prediction` and `ground_truth` masks, so the
-    W&B mask toggles work. Needs `validation_step` to return the argmax prediction (B, D, H, W).
-    Only global rank zero draws and logs."""
+    """At every validation but the sanity check, for the first `count` validation batches (fixed cases:
+    validation is not shuffled; under DDP, global rank zero's, which alone draws and logs): per axis the
+    slice with the most reference foreground as image, reference and prediction, one colour per label.
+    Writes `dirpath/epochEEEE-stepSSSSSS-<case>.png`; with a WandbLogger also `wandb.Image`s under
+    `val_images` with `prediction` and `ground_truth` masks. Needs `validation_step`'s argmax (B, D, H, W)."""
 
     def __init__(self, dirpath: str, count: int = 3) -> None:
         self.dirpath, self.count = Path(dirpath), count
@@ -67,8 +63,7 @@ class ValidationImages(Callback):
 
         class_labels = dict(enumerate(pl_module.labels))
         # one size for all: W&B draws a list of images of different sizes wrongly (and warns)
-        height = max(gray.shape[0] for _, gray, _, _ in self._wandb_images)
-        width = max(gray.shape[1] for _, gray, _, _ in self._wandb_images)
+        height, width = np.max([gray.shape for _, gray, _, _ in self._wandb_images], axis=0)
         images = []
         for case, *planes in self._wandb_images:
             gray, ref, pred = (_pad(plane, height, width) for plane in planes)
@@ -84,14 +79,9 @@ class ValidationImages(Callback):
 
 
 def busiest_slices(reference: np.ndarray) -> list[int]:
-    """For each axis, the index of the slice with the most reference foreground (the middle one
-    where there is none)."""
-    foreground = reference > 0
-    indices = []
-    for axis in range(3):
-        counts = foreground.sum(axis=tuple(a for a in range(3) if a != axis))
-        indices.append(int(counts.argmax()) if counts.any() else reference.shape[axis] // 2)
-    return indices
+    """Per axis, the slice with the most reference foreground (the middle one where there is none)."""
+    counts = [(reference > 0).sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
+    return [int(c.argmax()) if c.any() else reference.shape[axis] // 2 for axis, c in enumerate(counts)]
 
 
 def _slices(volume: np.ndarray, indices: list[int]) -> list[np.ndarray]:
@@ -101,9 +91,7 @@ def _slices(volume: np.ndarray, indices: list[int]) -> list[np.ndarray]:
 
 def _pad(plane: np.ndarray, height: int, width: int) -> np.ndarray:
     """Zero-padded at the bottom and right to height x width."""
-    out = np.zeros((height, width), dtype=plane.dtype)
-    out[: plane.shape[0], : plane.shape[1]] = plane
-    return out
+    return np.pad(plane, ((0, height - plane.shape[0]), (0, width - plane.shape[1])))
 
 
 def _mosaic(parts: list[np.ndarray]) -> np.ndarray:
@@ -122,31 +110,23 @@ def _to_uint8(image: np.ndarray, indices: list[int]) -> np.ndarray:
     return (1 + np.clip(scaled, 0, 1) * 254).astype(np.uint8)
 
 
-def label_colours(count: int) -> np.ndarray:
-    """RGB in 0..1 per label index; background (index 0) is never drawn."""
-    return np.array([matplotlib.colormaps["tab10"](i % 10)[:3] for i in range(count)])
-
-
 def _overlay(gray: np.ndarray, labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
     rgb = np.repeat(gray[..., None] / 255.0, 3, axis=2)
-    mask = labels > 0
-    rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * colours[labels[mask]]
-    return rgb
+    return np.where((labels > 0)[..., None], (1 - ALPHA) * rgb + ALPHA * colours[labels], rgb)
 
 
 def _draw(path: Path, gray, ref, pred, names: list[str], title: str) -> None:
     """One axes holding three rows (image, reference, prediction): far cheaper than nine subplots."""
-    colours = label_colours(len(names))
-    rows = [np.repeat(gray[..., None] / 255.0, 3, axis=2), _overlay(gray, ref, colours)]
-    rows.append(_overlay(gray, pred, colours))
+    # RGB per label index; background (index 0) is never drawn
+    colours = np.array([matplotlib.colormaps["tab10"](i % 10)[:3] for i in range(len(names))])
     gap = np.ones((GAP, gray.shape[1], 3))
+    rows = [_overlay(gray, labels, colours) for labels in (np.zeros_like(ref), ref, pred)]
     picture = np.concatenate([rows[0], gap, rows[1], gap, rows[2]], axis=0)
     height, width = picture.shape[:2]
     # 40 pixels per inch, plus margins (inches) for the row names, the title and the legend
     left, bottom, top = 0.3, 0.35, 0.3
     size = (width / 40 + left + 0.1, height / 40 + bottom + top)
     fig = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(fig)
     ax = fig.add_axes((left / size[0], bottom / size[1], width / 40 / size[0], height / 40 / size[1]))
     ax.imshow(picture, interpolation="nearest")
     ax.set_axis_off()
@@ -160,25 +140,17 @@ def _draw(path: Path, gray, ref, pred, names: list[str], title: str) -> None:
 
 
 def _case_names(trainer: Trainer, count: int) -> list[str]:
-    """Names of the cases of the first `count` validation batches (one case per batch): the image file
-    names, without .nii.gz, of the loader's MONAI dataset items (`data`, the case dicts: under DDP
-    this rank's share), in order; `case<batch index>` for any other loader (a shuffling sampler would
-    also draw from the global random state here)."""
+    """Names of the first `count` validation cases: the image file names without .nii.gz of the MONAI
+    dataset's case dicts (`data`; under DDP this rank's share) for a sequential loader of one case per
+    batch (a shuffling sampler would draw from the global random state here), else `case<batch index>`."""
     loader = trainer.val_dataloaders
     cases = getattr(getattr(loader, "dataset", None), "data", None)
-    if (
-        not isinstance(loader, DataLoader)
-        or loader.batch_size != 1
-        or not isinstance(loader.sampler, SequentialSampler)
-        or not isinstance(cases, Sequence)
-    ):
-        return [f"case{i}" for i in range(count)]
+    one_by_one = isinstance(loader, DataLoader) and loader.batch_size == 1
+    if not (one_by_one and isinstance(loader.sampler, SequentialSampler) and isinstance(cases, Sequence)):
+        cases = []
     names = []
     for i, case in enumerate(cases[:count]):
         image = case.get("image") if isinstance(case, Mapping) else None
-        names.append(_stem(image) if isinstance(image, str | Path) else f"case{i}")
+        is_path = isinstance(image, str | Path)
+        names.append(Path(image).name.removesuffix(".gz").removesuffix(".nii") if is_path else f"case{i}")
     return names + [f"case{i}" for i in range(len(names), count)]
-
-
-def _stem(path: str | Path) -> str:
-    return Path(path).name.removesuffix(".gz").removesuffix(".nii")

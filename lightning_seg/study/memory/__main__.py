@@ -1,9 +1,8 @@
 """`python -m lightning_seg.study.memory task=spleen model=basic_unet precision=16 data.batch_size=2`
 
-Prints the predicted peak GPU memory of one warm training step with its breakdown, the peak of
-sliding-window validation and prediction on the task's largest volume, and with `plan.gpu=A100-40`
-(or `plan.gpu_memory_gib=40`) the largest batch and cubic patch per precision. Writes plan.json
-into the run dir (`hydra.run.dir`).
+Prints the predicted peak GPU memory of one warm training step with its breakdown, the peak of sliding-window
+validation and prediction on the task's largest volume; with `plan.gpu=A100-40` or `plan.gpu_memory_gib=40`
+the largest batch and cubic patch per precision. Writes plan.json into the run dir (`hydra.run.dir`).
 """
 
 import json
@@ -25,31 +24,22 @@ from lightning_seg.task import check_task
 log = logging.getLogger(__name__)
 
 
-def capacity(cfg: DictConfig) -> float | None:
-    """The card memory the fit table is for: plan.gpu_memory_gib, else plan.gpu's, else None."""
-    if cfg.plan.gpu_memory_gib is not None:
-        return float(cfg.plan.gpu_memory_gib)
-    if cfg.plan.gpu is None:
-        return None
-    if str(cfg.plan.gpu) not in GPUS:
-        cards = ", ".join(GPUS)
-        raise ConfigError(f"plan.gpu={cfg.plan.gpu}: choose one of {cards} or set plan.gpu_memory_gib")
-    return float(GPUS[str(cfg.plan.gpu)])
-
-
 def plan(cfg: DictConfig) -> dict:
     """Everything the command prints, as one dict (plan.json)."""
-    step = train_step_memory(cfg)
-    result = step.as_dict()
+    result = train_step_memory(cfg).as_dict()
     volume, source = (list(cfg.plan.volume), "plan.volume") if cfg.plan.volume else largest_volume(cfg)
     if volume is not None:
         window = sliding_window_memory(cfg, volume, int(cfg.plan.sw_batch_size))
         result["sliding_window"] = {**window, "overlap": cfg.plan.overlap, "volume_source": source}
     else:
         result["sliding_window"] = {"skipped": source}
-    card = capacity(cfg)
+    card = cfg.plan.gpu_memory_gib  # the card the fit table is for: plan.gpu_memory_gib, else plan.gpu's
+    if card is None and cfg.plan.gpu is not None:
+        if (gpu := str(cfg.plan.gpu)) not in GPUS:
+            raise ConfigError(f"plan.gpu={gpu}: choose one of {', '.join(GPUS)} or set plan.gpu_memory_gib")
+        card = GPUS[gpu]
     if card is not None:
-        result["fit"] = fit_table(cfg, card, cfg.plan.context_gib, cfg.plan.margin, cfg.plan.max_patch)
+        result["fit"] = fit_table(cfg, float(card), cfg.plan.context_gib, cfg.plan.margin, cfg.plan.max_patch)
     return result
 
 

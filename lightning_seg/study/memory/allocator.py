@@ -1,21 +1,6 @@
-"""What a CUDA caching allocator would count for a computation run on fake tensors.
-
-A `TorchDispatchMode` that sees every op's outputs: each new storage is charged, rounded as the
-caching allocator rounds a request (to a multiple of 512 bytes: `torch.cuda.max_memory_allocated`
-counts these block sizes), and released when the storage dies (a weakref finalizer: fake tensors keep
-Python's and autograd's reference counting, so lifetimes are the real ones). The peak is taken after
-every op, when the op's outputs and every input still referenced are alive together, as on a GPU.
-
-Each storage carries a `kind` for the breakdown: `weights`, `gradients`, `optimizer` and `input` are
-set by the caller; everything else is named after the phase that created it (`forward` and `loss`
-tensors alive at the peak are the saved activations, `backward` and `optimizer` ones the transients).
-
-Not counted, as in `max_memory_allocated`: the CUDA context and cuBLAS/cuDNN handles. Not seen by a
-fake tensor: cuDNN workspaces (they come from the caching allocator and count on a GPU; which
-algorithm cuDNN picks, and so its workspace, is only known on the card) and the unused tail of a
-block the allocator chose not to split (at most 1 MiB per tensor over 1 MiB).
-`lightning_seg.study.memory.step` adds a fixed allowance for the first.
-"""
+"""What the CUDA caching allocator would count (`max_memory_allocated`: not the CUDA context or handles)
+for a computation on fake tensors. Not seen by a fake tensor: cuDNN workspaces (`step` adds an allowance)
+and the unused tail of a block the allocator chose not to split (at most 1 MiB per tensor over 1 MiB)."""
 
 import math
 import weakref
@@ -30,7 +15,7 @@ BLOCK_BYTES = 512  # c10/cuda/CUDACachingAllocator.cpp kMinBlockSize: every requ
 
 def allocator_bytes(nbytes: int) -> int:
     """The block size the CUDA caching allocator charges for a request of `nbytes`."""
-    return 0 if nbytes == 0 else math.ceil(nbytes / BLOCK_BYTES) * BLOCK_BYTES
+    return math.ceil(nbytes / BLOCK_BYTES) * BLOCK_BYTES
 
 
 @dataclass(eq=False)
@@ -46,9 +31,8 @@ class AllocatorModel(TorchDispatchMode):
         super().__init__()
         self.phase = "setup"
         self.live: dict[int, Block] = {}
-        self.current = 0
-        self.peak = 0
-        self.peak_blocks: list[Block] = []
+        self.current = self.peak = 0
+        self.peak_blocks: list[Block] = []  # alive at the peak, their kinds as labelled now (re-labels count)
 
     def track(self, tensors, kind: str | None = None) -> None:
         """Charge the storages of `tensors` (params, inputs: created before the mode) as `kind`,
@@ -59,13 +43,6 @@ class AllocatorModel(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak, self.peak_blocks = self.current, list(self.live.values())
-
-    def breakdown(self) -> dict[str, int]:
-        """Bytes per kind at the peak (kinds as labelled now, so later re-labels count)."""
-        out: dict[str, int] = {}
-        for block in self.peak_blocks:
-            out[block.kind] = out.get(block.kind, 0) + block.nbytes
-        return out
 
     def _charge(self, storage: torch.UntypedStorage, kind: str) -> None:
         key = storage._cdata  # the C++ StorageImpl: one entry per storage, shared by its views
@@ -79,6 +56,7 @@ class AllocatorModel(TorchDispatchMode):
             return
         block = self.live[key] = Block(nbytes, kind)
         self.current += nbytes
+        # fake tensors keep Python's and autograd's reference counting: the lifetimes are the real ones
         weakref.finalize(storage, self._release, key, block)
 
     def _release(self, key: int, block: Block) -> None:
@@ -88,9 +66,7 @@ class AllocatorModel(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._charge(t.untyped_storage(), self.phase)
+        self.track(out)
         if self.current > self.peak:
             self.reset_peak()
         return out

@@ -1,19 +1,6 @@
-"""Peak GPU memory of one warm training step, predicted on the CPU with fake tensors.
-
-The step is the module's own: `SegmentationModule` as training instantiates it from the config, its
-`step_loss` (forward, loss in fp32) under CUDA's autocast rules, its `build_optimizer` (the fused rule
-as a GPU run applies it), then Lightning's automatic optimization around it (`zero_grad`, backward,
-gradient clipping where `trainer.gradient_clip_val` is set, optimizer step), the averaged copy of the
-weights where `callbacks.weight_average` is on. It runs twice, so the second, measured, step starts
-with Adam's state and the first step's gradients alive, as a warm step on a GPU does. Fake tensors
-carry shapes and dtypes only: a 160^3 batch-8 step costs no memory and about a second.
-
-One part cannot run on fake tensors: MONAI's Dice losses read values (`torch.arange(...).tolist()`
-for their reduction axes), which a fake tensor does not have. `ShapeDiceLoss` stands in for them,
-op for op; `fake=False` runs the same step on real CPU tensors with the module's own loss, and the
-tests hold both to the same allocations for every loss, recipe, deep supervision, clipping and
-weight-average setting the configs offer.
-"""
+"""Peak GPU memory of one warm training step, predicted on the CPU with fake tensors: the module's own step
+as training instantiates it, run twice so that the measured second step starts with Adam's state and the
+first step's gradients alive, as a warm step on a GPU does."""
 
 import copy
 from contextlib import nullcontext
@@ -61,26 +48,11 @@ class StepMemory:
 
     def as_dict(self) -> dict:
         return {
-            "model": self.model,
-            "precision": self.precision,
-            "batch": self.batch,
-            "patch": self.patch,
+            **{name: getattr(self, name) for name in ("model", "precision", "batch", "patch")},
             "peak_gib": round(self.peak_gib, 4),
             "peak_bytes": self.peak_bytes,
             "breakdown_gib": {k: round(v / GIB, 4) for k, v in self.breakdown.items()},
         }
-
-
-def with_point(cfg: DictConfig, batch: int | None = None, patch=None, precision=None) -> DictConfig:
-    """A copy of `cfg` at another batch, patch or precision (the task's patch feeds the network)."""
-    cfg = copy.deepcopy(cfg)
-    if batch is not None:
-        OmegaConf.update(cfg, "data.batch_size", int(batch))
-    if patch is not None:
-        OmegaConf.update(cfg, "task.patch_size", [int(n) for n in patch])
-    if precision is not None:
-        OmegaConf.update(cfg, "precision", precision)
-    return cfg
 
 
 def model_name(cfg: DictConfig) -> str:
@@ -88,12 +60,9 @@ def model_name(cfg: DictConfig) -> str:
 
 
 class ShapeDiceLoss(nn.Module):
-    """MONAI's `DiceLoss` / `DiceCELoss` forward, op for op and shape for shape, minus value reads.
-
-    MONAI's loss calls `torch.arange(...).tolist()` for its reduction axes, which a fake tensor cannot
-    answer (it has no values); every tensor it makes (softmax, one-hot target, the norms' inputs, the
-    difference of prediction and target, cross-entropy's log-softmax) is made here too, so the memory
-    it needs is the same."""
+    """MONAI's `DiceLoss` / `DiceCELoss` forward minus its value reads (`torch.arange(...).tolist()`, which
+    fake tensors lack): every tensor MONAI makes (softmax, one-hot target, the norms' inputs, their
+    difference, cross-entropy's log-softmax) is made here too."""
 
     def __init__(self, loss_cfg: DictConfig) -> None:
         super().__init__()
@@ -130,8 +99,7 @@ class ShapeDiceLoss(nn.Module):
 
 
 def averages_weights(cfg: DictConfig) -> bool:
-    """Whether training keeps an average of the weights (`callbacks.weight_average`): Lightning's
-    WeightAveraging holds a full copy of the module's parameters and buffers on the GPU."""
+    """Whether Lightning's WeightAveraging (`callbacks.weight_average`) holds a copy of the weights."""
     return OmegaConf.select(cfg, "callbacks.weight_average") is not None
 
 
@@ -149,65 +117,57 @@ def train_step_memory(
     workspace_bytes: int | None = None,
     fake: bool = True,
 ) -> StepMemory:
-    """Predict `torch.cuda.max_memory_allocated` of a warm training step at the config's (or the
-    given) batch, patch and precision.
-
-    `loop="lightning"`: the step training runs (above). `loop="bare"`: the benchmark's bare PyTorch loop
-    (`lightning_seg.study.bench.bare_loop`: two input sets on the device, `zero_grad` first, the logits
-    held until after backward, no weight average). `workspace_bytes`: the cuDNN allowance added to the
-    peak (default `workspace_allowance(cfg)`; 0 for the allocations alone, as a CPU run has no cuDNN).
-    `fake=False`: real CPU tensors and the module's own loss (slow; the tests' check of the fake run)."""
-    cfg = with_point(cfg, batch, patch, precision)
+    """Predict `torch.cuda.max_memory_allocated` of a warm training step at the config's (or the given)
+    batch, patch and precision (a 160^3 batch-8 step: about a second). `loop="bare"`: the benchmark's bare
+    PyTorch loop (`study.bench.bare_loop`: two input sets, `zero_grad` first, the logits held through
+    backward, no weight average). `workspace_bytes`: the cuDNN allowance (0: the allocations alone).
+    `fake=False`: real CPU tensors and the module's own loss (slow: the tests' check of the fake run)."""
+    cfg = copy.deepcopy(cfg)  # the task's patch feeds the network
+    if batch is not None:
+        OmegaConf.update(cfg, "data.batch_size", int(batch))
+    if patch is not None:
+        OmegaConf.update(cfg, "task.patch_size", [int(n) for n in patch])
+    if precision is not None:
+        OmegaConf.update(cfg, "precision", precision)
     batch, patch = int(cfg.data.batch_size), [int(n) for n in cfg.task.patch_size]
     dtype = autocast_dtype(cfg.precision, CUDA)
     bare = loop == "bare"
     clip = None if bare else OmegaConf.select(cfg, "trainer.gradient_clip_val")
     with FakeTensorMode() if fake else nullcontext():
-        module = instantiate(cfg.module)
-        module.train()
+        module = instantiate(cfg.module).train()
         if fake:
             module.loss = ShapeDiceLoss(cfg.loss)
         optimizer = module.build_optimizer(CUDA, clip, trainer_precision(cfg.precision))
-        params = list(module.net.parameters())
-        mem = AllocatorModel()
-        with mem:
-            mem.track([*params, *module.net.buffers()], "weights")
-            averaged = []  # alive for the whole step (its update after each step works in place)
-            if averages_weights(cfg) and not bare:
-                averaged = [torch.empty_like(t) for t in (*params, *module.net.buffers())]
-                mem.track(averaged, "averaged_weights")
-            # the loader's labels are float32 (EnsureTyped)
-            inputs = [
-                {
-                    "image": torch.randn(batch, int(cfg.task.in_channels), *patch),
-                    "label": torch.zeros(batch, 1, *patch),
-                }
-                for _ in range(2 if bare else 1)
-            ]
+        weights = [*module.net.parameters(), *module.net.buffers()]
+        with AllocatorModel() as mem:
+            mem.track(weights, "weights")
+            # alive for the whole step (its update after each step works in place)
+            averaged = [torch.empty_like(t) for t in weights] if averages_weights(cfg) and not bare else []
+            mem.track(averaged, "averaged_weights")
+            image, label = (batch, int(cfg.task.in_channels), *patch), (batch, 1, *patch)
+            # the loader's labels are float32 (EnsureTyped); the bare loop has two input sets on the device
+            sets = 2 if bare else 1
+            inputs = [{"image": torch.randn(image), "label": torch.zeros(label)} for _ in range(sets)]
             mem.track(inputs, "input")
-            for step in range(2):
-                if step == 1:
-                    mem.reset_peak()  # the warm step: Adam's state exists
-                _train_step(module, optimizer, inputs[step % len(inputs)], dtype, clip, mem, bare)
+            _train_step(module, optimizer, inputs[0], dtype, clip, mem, bare)
+            mem.reset_peak()  # the warm step: Adam's state exists
+            _train_step(module, optimizer, inputs[-1], dtype, clip, mem, bare)
     breakdown = dict.fromkeys(CATEGORIES, 0)
-    for kind, nbytes in mem.breakdown().items():
-        category = KIND_TO_CATEGORY.get(kind, kind)
-        breakdown[category] = breakdown.get(category, 0) + nbytes
+    for block in mem.peak_blocks:
+        breakdown[KIND_TO_CATEGORY.get(block.kind, block.kind)] += block.nbytes
     workspace = workspace_allowance(cfg) if workspace_bytes is None else workspace_bytes
     breakdown["cudnn_workspace"] = workspace
     return StepMemory(model_name(cfg), str(cfg.precision), batch, patch, mem.peak + workspace, breakdown)
 
 
 def _train_step(module, optimizer, batch: dict, dtype, clip, mem: AllocatorModel, bare: bool) -> None:
-    """Lightning's automatic optimization of `module.step_loss`: the step, zero_grad, backward, clipping,
-    optimizer.step() (the bare loop: zero_grad first, and its `logits` variable lives on through backward).
-    The loss runs under the same autocast mode as the forward: on fp32 logits CUDA's rules cast nothing
-    (a loss has no convolution or matmul), as `compute_loss`'s autocast-off region leaves them on a GPU."""
+    """Lightning's automatic optimization of `module.step_loss`, or the bare loop. The loss runs under the
+    forward's CUDA autocast, which casts nothing of fp32 logits, as `compute_loss`'s autocast-off region."""
     if bare:
         optimizer.zero_grad(set_to_none=True)
     mem.phase = "forward"
-    label_copy = partial(mem.track, kind="amp_weight_copies")
-    with CudaAutocast(dtype, on_weight_cast=label_copy) if dtype is not None else nullcontext():
+    on_weight_cast = partial(mem.track, kind="amp_weight_copies")
+    with CudaAutocast(dtype, on_weight_cast) if dtype is not None else nullcontext():
         if bare:
             logits = module(batch["image"])
             mem.phase = "loss"
