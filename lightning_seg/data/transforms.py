@@ -34,11 +34,12 @@ def nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 def preprocessing(task: Mapping, keys: Sequence[str] = KEYS, crop_foreground: bool = False) -> list:
-    """Load (channel first), reorient, resample to the task spacing, optionally crop to the image's
+    """Load, channel first, reorient, resample to the task spacing, optionally crop to the image's
     non-zero box, normalize."""
     modes = [("bilinear" if key == "image" else "nearest") for key in keys]
     steps = [
-        T.LoadImaged(keys, ensure_channel_first=True),
+        T.LoadImaged(keys, image_only=True),
+        T.EnsureChannelFirstd(keys),
         # labels=None: the axis labels follow the image's "space" (RAS for NIfTI, the labels MONAI used
         # before), MONAI's coming default, chosen now so its deprecation warning does not reach the log
         T.Orientationd(keys, axcodes=task["orientation"], labels=None),
