@@ -87,7 +87,7 @@ DRY = {
     "switch_steps": ["bench.warmup=1", "bench.steps=2"],
     # Inductor's C++ build of a U-Net takes minutes on 2 cores: dry checks the graph capture only
     "model": ["model.width=4", "speed.compile_backend=aot_eager"],
-    "loader_steps": ["bench.warmup=1", "bench.steps=3"],
+    "loader_steps": ["bench.warmup=1", "bench.steps=3", "bench.worker_seconds=0.5"],
     # bf16 autocast of a width-4 network on a CPU sometimes ends in NaN (instance norm in bf16)
     "loader_precisions": ["32"],
     "train_time": "00:00:00:08",
@@ -189,7 +189,7 @@ class Check:
     def loader(self) -> list[dict]:
         base = [*self.paths("loader"), *self.task(), *self.sizes["loader_steps"], "bench.loader=true"]
         records = []
-        for cache in ("memory", "gpu"):
+        for cache in ("disk", "memory", "gpu"):  # patches read from the store, held in memory, on the GPU
             overrides = [*base, f"data.cache={cache}"]
             cfg = compose(config_name="bench", overrides=overrides, return_hydra_config=True)
             datamodule = prepared_datamodule(cfg)
@@ -458,7 +458,8 @@ def write_report(check: Check, results: dict, seconds: float) -> None:
         "",
         *(loader_table(loader) if loader else ["## Real loader against synthetic input", "", "not run"]),
         "",
-        "Rows in order: data.cache=memory, then data.cache=gpu (the CPU cache where there is no GPU).",
+        "Rows in order: data.cache=disk (patches read from the preprocessed store), data.cache=memory, "
+        "data.cache=gpu (memory where there is no GPU).",
         "",
         "## Short real-data trainings",
         "",

@@ -38,15 +38,23 @@ def repo_root() -> str:
     return str(root if (root / "pyproject.toml").exists() else Path.cwd())
 
 
+def cpu_count() -> int:
+    """The cores this process may run on (a SLURM job's or a container's share, not the machine's)."""
+    return len(os.sched_getaffinity(0))
+
+
 def default_workers() -> int:
-    """0 on CPU-only machines (patches come from the in-memory cache and workers would only compete
-    with the training threads), a few per GPU otherwise."""
-    return min(8, max(1, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 0
+    """0 on CPU-only machines (the training step already uses every core), else the cores per GPU less
+    the one the training process needs: patches are read and augmented in the workers."""
+    if not torch.cuda.is_available():
+        return 0
+    return max(1, cpu_count() // torch.cuda.device_count() - 1)
 
 
 _RESOLVERS = {
     "repo_root": repo_root,
     "default_workers": default_workers,
+    "cpu_count": cpu_count,
     "len": len,
     "not": lambda value: not value,
     # not True, which stops runs: 3D max-pool and trilinear upsampling have no deterministic CUDA backward

@@ -82,6 +82,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
     env["batch"] = batch_sizes(datamodule.batch_size, trainer)
+    env["data"] = datamodule.choose_cache(trainer.num_devices)  # where training reads its cases, and why
     env["known_problems"] = known_problems(env, cfg.precision)
     if precision_auto is not None:
         env["precision_auto"] = precision_auto

@@ -1,6 +1,7 @@
 """The step benchmark's smoke preset and the step-breakdown callback during training."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def test_loader_mode_times_the_real_loader_against_synthetic_input(tmp_path, syn
         "model.width=4",
         "bench.warmup=1",
         "bench.steps=4",
+        "bench.worker_seconds=0.5",
     )
     [point] = result["points"]
     assert point["patch"] == "32x32x32" and point["batch"] == 2  # the task's patch, data.batch_size
@@ -141,9 +143,16 @@ def test_loader_mode_times_the_real_loader_against_synthetic_input(tmp_path, syn
     assert point["loader_over_synthetic_rate"] == pytest.approx(
         loader["samples_per_s"] / synthetic["samples_per_s"]
     )
+    feeding = point["feeding"]  # one worker's draws beside the step's consumption
+    assert feeding["worker"]["patches_per_s"] > 0 and feeding["worker"]["seconds"] >= 0.5
+    assert feeding["consumed_patches_per_s"] == synthetic["samples_per_s"]
+    assert feeding["workers_needed"] == math.ceil(
+        synthetic["samples_per_s"] / feeding["worker"]["patches_per_s"]
+    )
     table = (tmp_path / "bench.md").read_text()
     assert "## Real loader against synthetic input" in table
     assert f"| {point['loader_over_synthetic_rate']:.3f} |" in table
+    assert f"| {feeding['workers_needed']} | 0 |" in table  # workers needed, data.num_workers on a CPU
 
 
 def test_gpu_check_dry_run_writes_its_report_on_a_cpu(tmp_path):

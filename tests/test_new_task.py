@@ -13,12 +13,13 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from monai.transforms import Compose
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.checks import check_dataset
 from lightning_seg.data.layout import read_datalist
 from lightning_seg.data.synthetic import write_synthetic_msd, write_synthetic_nnunet
-from lightning_seg.data.transforms import val_transforms
+from lightning_seg.data.transforms import preprocessing
 from lightning_seg.new_task.fingerprint import fingerprint
 
 from .conftest import ROOT, SHARED_DATA, needs_shared_data
@@ -73,7 +74,7 @@ def test_both_layouts_read_the_same_cases(tmp_path):
     for a, b in zip(read_datalist(msd), read_datalist(raw), strict=True):
         assert Path(a["label"]).name == Path(b["label"]).name
         assert isinstance(b["image"], list) and b["image"][0].endswith("_0000.nii.gz")
-        x, y = val_transforms(task)(a), val_transforms(task)(b)
+        x, y = (Compose(preprocessing(task))(case) for case in (a, b))
         assert x["image"].shape == y["image"].shape == (1, 24, 24, 16)
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
     assert len(check_dataset(raw, ["background", "organ_a", "organ_b"], 1)) == 3

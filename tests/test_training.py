@@ -23,6 +23,7 @@ def test_fast_dev_run_trains_and_validates(tmp_path):
     assert objects["trainer"].global_step == 1
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["tf32_cudnn_conv"] == "ieee"
+    assert env["data"]["cache"] == "memory" and "data.memory_share" in env["data"]["reason"]  # and why
 
 
 def test_short_training_learns_the_synthetic_organs_and_writes_its_run(tmp_path):

@@ -57,12 +57,12 @@ def check_dataset(
         memo_path = Path(cache_dir) / "checked" / f"{task_dir.name}-{key}.json"
         with contextlib.suppress(OSError, json.JSONDecodeError):
             memo = json.loads(memo_path.read_text())
-    todo = [case for case in complete if memo.get(case["label"]) != _stamp(case)]
+    todo = [case for case in complete if memo.get(case["label"]) != case_stamp(case)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(pool.map(lambda c: check_case(c, len(labels), in_channels), todo))
     passed = [case for case, problem in zip(todo, results, strict=True) if problem is None]
     if memo_path is not None and passed:  # remembered even when other cases fail: a rerun reads only those
-        memo.update({case["label"]: _stamp(case) for case in passed})
+        memo.update({case["label"]: case_stamp(case) for case in passed})
         write_atomic(memo_path, json.dumps(memo))  # a crash never leaves a half-written memo
     problems = [problem for problem in results if problem]
     if missing or problems:  # every problem at once: one fix-and-rerun round, not one per file
@@ -161,5 +161,6 @@ def _unreadable(path: str, err: Exception) -> str:
     return f"{path}: cannot be read as NIfTI ({type(err).__name__}: {reason}); copy or export it again"
 
 
-def _stamp(case: Mapping) -> list[int]:
+def case_stamp(case: Mapping) -> list[int]:
+    """Size and modification time of each file of a case: what says it changed."""
     return [n for p in case_files(case) for n in (os.stat(p).st_size, os.stat(p).st_mtime_ns)]

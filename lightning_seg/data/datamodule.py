@@ -1,7 +1,5 @@
-"""LightningDataModule for one task folder (MSD or nnU-Net v2 raw): checked, cached, patch-sampled."""
+"""LightningDataModule for one task folder (MSD or nnU-Net v2 raw): checked, preprocessed once, patched."""
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -9,15 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
-from monai.data import (
-    CacheDataset,
-    DataLoader,
-    Dataset,
-    PersistentDataset,
-    ThreadDataLoader,
-    partition_dataset,
-)
+from monai.data import DataLoader, ThreadDataLoader, partition_dataset
 from monai.transforms import MapTransform
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import LightningDataModule
@@ -26,28 +18,34 @@ from torch.utils.data import DistributedSampler
 from lightning_seg.data.checks import check_dataset
 from lightning_seg.data.download import download_msd_task, msd_source
 from lightning_seg.data.layout import DatasetError, case_name, read_datalist
+from lightning_seg.data.patches import HOLD, PatchDataset, VolumeDataset
+from lightning_seg.data.store import Store
 from lightning_seg.data.synthetic import write_synthetic_msd
-from lightning_seg.data.transforms import train_transforms, val_transforms
+from lightning_seg.data.transforms import class_ratios, patch_transforms
 from lightning_seg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHES = ("memory", "disk", "gpu", "none")
+CACHES = ("auto", *HOLD)
 AUTO = "auto"  # data.batch_size chosen at setup by the study's memory planner (callbacks.auto_batch)
 SPLIT_KEY = "split"  # in the datamodule's state, which Lightning saves in every checkpoint
 LOADERS = {"torch": DataLoader, "thread": ThreadDataLoader}
 
 
 class MSDDataModule(LightningDataModule):
-    """Train/validation/test split of a task folder, as cached, patch-sampled datasets.
+    """Train/validation/test split of a task folder, read as random patches from its preprocessed store.
 
-    `batch_size` counts patches per step, `samples_per_volume` per loaded volume. A given `split`
-    (split.json's or a checkpoint's, cases matched by label file name) replaces the seeded one, so a
-    resumed run trains on its cases. `cache="gpu"` keeps the training volumes on this process's GPU and
-    crops there (MONAI's fast-training recipe). Under DDP (`use_distributed_sampler=False`) each
-    validation case is validated by exactly one process, so `val/dice` equals a single-process one;
-    training cases are reshuffled across processes every epoch, or with `cache_shard_per_rank` each
-    process caches and trains on a fixed, seeded 1/N of them."""
+    `prepare_data` checks the folder and writes its store once (lightning_seg.data.store): every later run,
+    sweep job and process reads it. `batch_size` counts patches per step, `samples_per_volume` per drawn
+    case. `cache` says where training reads cases from: "disk" (patches read from the memory-mapped store:
+    a process's memory does not grow with the dataset), "memory" (every training case loaded once, for
+    datasets small beside the host memory), "gpu" (on this process's GPU, patches cut and augmented there,
+    MONAI's fast-training recipe), "auto" (memory when the training cases take at most `memory_share` of
+    the host memory per process on this node, else disk). A given `split` (split.json's or a checkpoint's,
+    cases matched by label file name) replaces the seeded one, so a resumed run trains on its cases. Under
+    DDP (`use_distributed_sampler=False`) each validation case is validated by exactly one process, so
+    `val/dice` equals a single-process one; training cases are reshuffled across processes every epoch, or
+    with `cache_shard_per_rank` each process holds and trains on a fixed, seeded 1/N of them."""
 
     def __init__(
         self,
@@ -59,7 +57,8 @@ class MSDDataModule(LightningDataModule):
         pos_neg_ratio: Sequence[float] = (1, 1),
         augment: bool = True,
         flip_axes: Sequence[int] = (0, 1, 2),
-        cache: str = "memory",
+        cache: str = "auto",
+        memory_share: float = 0.125,
         loader: str = "torch",
         num_workers: int = 0,
         val_fraction: float = 0.2,
@@ -67,7 +66,7 @@ class MSDDataModule(LightningDataModule):
         split_seed: int = 0,
         num_folds: int = 0,
         fold: int = 0,
-        prep_workers: int = 2,
+        prep_workers: int = 1,
         crop_centres_per_class: int = 10000,
         cache_shard_per_rank: bool = False,
         augmentation: Sequence[MapTransform] = (),
@@ -84,8 +83,8 @@ class MSDDataModule(LightningDataModule):
                 raise ConfigError(f"data.{key} must be one of {', '.join(allowed)}, got '{value}'")
         if cache == "gpu" and not torch.cuda.is_available():
             log.warning(
-                "data.cache=gpu needs a CUDA GPU and none is available: caching preprocessed volumes "
-                "in CPU memory instead (data.cache=memory)"
+                "data.cache=gpu needs a CUDA GPU and none is available: holding the preprocessed training "
+                "cases in CPU memory instead (data.cache=memory)"
             )
             cache = "memory"
         self.task_dir, self.cache_dir = Path(task_dir), cache_dir
@@ -93,6 +92,7 @@ class MSDDataModule(LightningDataModule):
         self.batch_size, self.samples_per_volume = batch_size, samples_per_volume
         self.pos_neg_ratio, self.augment, self.flip_axes = list(pos_neg_ratio), augment, list(flip_axes)
         self.cache, self.loader, self.cache_shard_per_rank = cache, loader, cache_shard_per_rank
+        self.memory_share, self.data_source = memory_share, None
         self.num_workers, self.prep_workers = num_workers, prep_workers
         self.crop_centres_per_class, self.augmentation = crop_centres_per_class, list(augmentation)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
@@ -102,17 +102,59 @@ class MSDDataModule(LightningDataModule):
         self.prepared = False
 
     def prepare_data(self) -> None:
-        """Write or download the task folder if missing, then check every case. Once: training prepares
+        """Check the task folder, then write the store's missing or changed cases. Once: training prepares
         before the Trainer starts its processes, whose copies of this object then skip it."""
         if self.prepared:
             return
+        cases = self.check()
+        written = self.store.build(cases, self.prep_workers)
+        log.info(
+            "preprocessed store %s: %d case(s) written, %d as they were",
+            self.store.path, written, len(cases) - written,
+        )  # fmt: skip
+        self.prepared = True
+
+    def check(self) -> list[dict]:
+        """Write or download the task folder if missing, then check every case; return the cases."""
         if not (self.task_dir / "dataset.json").is_file():
             self._create_task_folder()
         cases = check_dataset(
             self.task_dir, self.task["labels"], self.task["in_channels"], self.cache_dir, self.prep_workers
         )
         log.info("dataset check: the %d cases of %s are fine", len(cases), self.task_dir)
-        self.prepared = True
+        return cases
+
+    @property
+    def store(self) -> Store:
+        root = Path(self.cache_dir) if self.cache_dir is not None else self.task_dir.parent / ".cache"
+        return Store(root, self.task_dir, self.task, self.crop_centres_per_class)
+
+    def choose_cache(self, local_processes: int = 1) -> dict:
+        """Where training reads its cases from (data.cache=auto: from the store's size and the host memory
+        per process on this node), with the reason: for the log and environment.json."""
+        if self.data_source is not None:
+            return self.data_source
+        self.assign_split()
+        shard = self.cache_shard_per_rank and local_processes > 1
+        held = self.store.size_bytes(self.train_cases) / (local_processes if shard else 1)
+        budget = self.memory_share * psutil.virtual_memory().total / local_processes
+        gib = 2.0**30
+        fits = held <= budget
+        choice = self.cache if self.cache != "auto" else "memory" if fits else "disk"
+        share = f"data.memory_share={self.memory_share} of the host memory per process"
+        reason = f"{held / gib:.2f} GiB of training cases; {share}: {budget / gib:.2f} GiB"
+        if self.cache != "auto":
+            reason = "data.cache"
+        elif not fits:
+            reason += ": patches are read from the memory-mapped store, which the OS page cache keeps"
+        self.data_source = {
+            "cache": choice,
+            "reason": reason,
+            "store": str(self.store.path),
+            "training_gib": round(held / gib, 3),
+        }
+        log.info("training cases read from %s (%s); store %s", choice, reason, self.store.path)
+        return self.data_source
 
     def _create_task_folder(self) -> None:
         task = self.task
@@ -172,10 +214,12 @@ class MSDDataModule(LightningDataModule):
         """This process's datasets: Lightning calls it in every process once they exist."""
         self.assign_split()
         rank, world = self._rank_and_world()
+        store = self.store
+        # prepare_data wrote them; a caller that skipped it (or a changed file) gets them written here
+        store.build(self.train_cases + self.val_cases, self.prep_workers)
         if self.val_set is None:
             self.check_processes(world)
-            # no device: whole validation volumes on the GPU would compete with sliding-window stitching
-            self.val_set = self._dataset(self.val_cases[rank::world], val_transforms(self.task), "val")
+            self.val_set = VolumeDataset([store.case(c) for c in self.val_cases[rank::world]])
         if self.train_set is not None or stage not in (None, "fit"):
             return
         train_cases = self.train_cases
@@ -184,20 +228,22 @@ class MSDDataModule(LightningDataModule):
                 train_cases, num_partitions=world, shuffle=True, seed=self.split_seed, even_divisible=True
             )[rank]
             log.info(
-                "rank %d caches and trains on %d of %d training cases", rank, len(shard), len(train_cases)
+                "rank %d holds and trains on %d of %d training cases", rank, len(shard), len(train_cases)
             )
             train_cases = shard
-        train_tf = train_transforms(
-            self.task,
+        hold = self.choose_cache(self._local_processes())["cache"]
+        self.train_set = PatchDataset(
+            [store.case(c) for c in train_cases],
+            self.task["patch_size"],
             self.samples_per_volume,
-            self.pos_neg_ratio,
-            self.augment,
-            self.flip_axes,
-            self.crop_centres_per_class,
-            self._device() if self.cache == "gpu" else None,
-            self.augmentation,
+            class_ratios(self.pos_neg_ratio, len(self.task["labels"])),
+            patch_transforms(self.augment, self.flip_axes, self.augmentation),
+            hold,
+            self._device() if hold == "gpu" else None,
         )
-        self.train_set = self._dataset(train_cases, train_tf, "train")
+
+    def _local_processes(self) -> int:
+        return self.trainer.num_devices if self.trainer is not None else 1
 
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
@@ -211,32 +257,13 @@ class MSDDataModule(LightningDataModule):
         """The split goes into every checkpoint: a resume trains on the same cases."""
         return {SPLIT_KEY: {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}}
 
-    def _dataset(self, cases, transform, split: str) -> Dataset:
-        if self.cache in ("memory", "gpu"):
-            # no deep copy per draw: the random transforms make new tensors (crop views, flipped
-            # and rescaled copies) and never write into the cached ones
-            return CacheDataset(
-                cases, transform, num_workers=self.prep_workers, progress=False, copy_cache=False
-            )
-        if self.cache == "disk":
-            return PersistentDataset(cases, transform, cache_dir=self._persistent_dir(split))
-        return Dataset(cases, transform)
-
-    def _persistent_dir(self, split: str) -> Path:
-        # PersistentDataset keys items by file name only: the preprocessing goes into the folder name
-        keys = ("orientation", "spacing", "normalization", "patch_size", "labels", "crop_foreground")
-        recipe = {k: self.task[k] for k in keys} | {"crop_centres_per_class": self.crop_centres_per_class}
-        digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-        root = Path(self.cache_dir or self.task_dir.parent / ".cache")
-        return root / "preprocessed" / f"{self.task['name']}-{split}-{digest}"
-
     def train_dataloader(self) -> DataLoader:
         if self.batch_size == AUTO:
             raise ConfigError(
                 "data.batch_size=auto is chosen by the memory planner's callback (callbacks.auto_batch, "
                 "in the default `measure` group): add it back, or give data.batch_size a number"
             )
-        on_gpu = self.cache == "gpu"
+        on_gpu = self.train_set.hold == "gpu"
         rank, world = self._rank_and_world()
         sampler = None
         if world > 1 and not self.cache_shard_per_rank:
@@ -259,7 +286,7 @@ class MSDDataModule(LightningDataModule):
         return self._loader(self.val_set, self.loader, self.num_workers, batch_size=1)
 
     @staticmethod
-    def _loader(dataset: Dataset, loader: str, num_workers: int, **kwargs) -> DataLoader:
+    def _loader(dataset, loader: str, num_workers: int, **kwargs) -> DataLoader:
         return LOADERS[loader](dataset, num_workers=num_workers, persistent_workers=num_workers > 0, **kwargs)
 
 

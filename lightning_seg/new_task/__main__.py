@@ -5,11 +5,14 @@ with the fingerprint beside it (README: "Where the file goes")."""
 import datetime
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
-from lightning_seg.config import CONFIG_DIR, repo_root, user_config_dir
+from hydra import compose, initialize_config_dir
+
+from lightning_seg.config import CONFIG_DIR, cpu_count, repo_root, user_config_dir
 from lightning_seg.data import layout
 from lightning_seg.data.checks import check_dataset
 from lightning_seg.entry import user_errors
@@ -17,14 +20,15 @@ from lightning_seg.errors import ConfigError
 from lightning_seg.new_task.fingerprint import channels_of, fingerprint
 from lightning_seg.new_task.plan import Target, plan_task
 from lightning_seg.precision import PRECISIONS, label
+from lightning_seg.preprocess import preprocess
 from lightning_seg.run_dir import write_atomic, write_json
 from lightning_seg.study.memory.fit import GPUS
 
 USAGE = (
     "lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=DIR] "
-    "[cache_dir=DIR] [workers=N]"
+    "[cache_dir=DIR] [workers=N] [preprocess=true]"
 )
-OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "cache_dir", "workers")
+OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "cache_dir", "workers", "preprocess")
 DEFAULT_GIB, DEFAULT_PRECISION = 24.0, "16"
 MARKER = "# planned by lightning-seg-new-task"  # a file without it is hand-written: never overwritten
 
@@ -82,7 +86,7 @@ def new_task(folder: Path, options: dict) -> tuple[list, Path]:
     if channels is None:  # MSD without 'modality': the first case says how many
         count = len(channels_of(layout.image_files(cases[0]["image"]))[0])
         channels = [f"channel_{c}" for c in range(count)]
-    workers = int(options.get("workers", 2))
+    workers = int(options.get("workers", cpu_count()))
     # every broken case, before the fingerprint; remembered where training looks (paths.cache_dir, its
     # default unless given), so the first run does not check the cases again
     cache = Path(options.get("cache_dir") or Path(repo_root()) / "cache")
@@ -132,7 +136,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {written} and {written.with_suffix('.fingerprint.json').name} beside it")
     root = written.parent.parent
     hint = "" if root in (CONFIG_DIR, user_config_dir()) else f"LIGHTNING_SEG_CONFIG_DIR={root} "
+    if options.get("preprocess", "false").lower() == "true":  # nnU-Net's plan_and_preprocess in one go
+        with user_errors():
+            print(preprocess_planned(options, root), flush=True)
     print(f"train it: {hint}python train.py task={options['name']}")
+
+
+def preprocess_planned(options: dict, config_root: Path) -> str:
+    """Write the store the first training of the planned task would write (the same composed config)."""
+    if config_root not in (CONFIG_DIR, user_config_dir()):
+        os.environ["LIGHTNING_SEG_CONFIG_DIR"] = str(config_root)  # where Hydra finds the planned file
+    overrides = [f"task={options['name']}", f"data.prep_workers={int(options.get('workers', cpu_count()))}"]
+    if "cache_dir" in options:
+        overrides.append(f"paths.cache_dir={Path(options['cache_dir']).expanduser().resolve()}")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return preprocess(compose(config_name="train", overrides=overrides))
 
 
 if __name__ == "__main__":

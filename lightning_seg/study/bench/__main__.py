@@ -2,7 +2,8 @@
 
 Warm-up plus N timed training steps, phase by phase, at every grid point (precision x model x patch x
 batch) into bench.json, bench.md and charts in the run dir; a failing point (out of memory included) is
-recorded and the grid goes on. `bench=loader`: the step fed by the task's real loader, against synthetic."""
+recorded and the grid goes on. `bench=loader`: the step fed by the task's real loader, against synthetic,
+and the patches per second one loader worker draws from the store: how many workers the step needs."""
 
 import itertools
 import json
@@ -24,6 +25,7 @@ from lightning_seg.study import auto_precision
 from lightning_seg.study.bench import bare_loop
 from lightning_seg.study.bench.step import measure
 from lightning_seg.study.bench.tables import markdown_table, plot_memory, plot_phases
+from lightning_seg.study.bench.worker_rate import patches_per_worker_s, workers_needed
 from lightning_seg.task import check_task
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,16 @@ def run_point(
         record["project_over_bare"] = ours["median_s"]["total"] / theirs["median_s"]["total"]
     if "median_s" in ours and "median_s" in loader:
         record["loader_over_synthetic_rate"] = loader["samples_per_s"] / ours["samples_per_s"]
+    if datamodule is not None and "median_s" in ours:  # the step's consumption, and who can feed it
+        worker = patches_per_worker_s(datamodule.train_set, cfg.bench.worker_seconds)
+        needed = workers_needed(ours["samples_per_s"], worker["patches_per_s"])
+        record["feeding"] = {
+            "worker": worker,
+            "consumed_patches_per_s": ours["samples_per_s"],
+            "workers_needed": needed,
+            "num_workers": cfg.data.num_workers,
+            "cache": datamodule.choose_cache()["cache"],
+        }
     log.info("%s", json.dumps(record))
     return record
 
@@ -122,7 +134,7 @@ def probe_against_grid(base: list[str], records: list[dict], device, margin: flo
 
 
 def prepared_datamodule(cfg: DictConfig):
-    """The task's real training data, checked and cached once for every point."""
+    """The task's real training data, checked and preprocessed once for every point."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

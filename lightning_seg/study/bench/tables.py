@@ -82,6 +82,25 @@ def loader_table(points: list[dict]) -> list[str]:
             f"{head} {ours['samples_per_s']:.2f} | {loader['samples_per_s']:.2f} | "
             f"{p['loader_over_synthetic_rate']:.3f} | {100 * loader['data_wait_frac']:.1f}% |"
         )
+    feeding = [p for p in points if "feeding" in p]
+    if feeding:
+        lines += [
+            "",
+            "Who feeds the step: patches per second one loader worker (one thread) draws from the "
+            "preprocessed store with the run's recipe, the synthetic step's consumption, the workers that "
+            "keeps busy.",
+            "",
+            "| model | patch, batch | method | cases read from | patches/s per worker | step consumes "
+            "patches/s | workers needed | data.num_workers |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for p in feeding:
+            f = p["feeding"]
+            lines.append(
+                f"| {p['model']} | {patch_label(p)}, {p['batch']} | {label(p['precision'])} | {f['cache']} | "
+                f"{f['worker']['patches_per_s']:.2f} | {f['consumed_patches_per_s']:.2f} | "
+                f"{f['workers_needed']} | {f['num_workers']} |"
+            )
     return lines
 
 
