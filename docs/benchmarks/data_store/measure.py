@@ -17,6 +17,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def timed_child(argv: list[str]) -> tuple[float, int, str]:
 
 def peak_rss_of(argv: list[str]) -> tuple[float, float, str]:
     """Run `argv` under GNU time: (wall s, peak resident GiB of the process and its children, output)."""
-    report = HERE / ".time.txt"
+    report = Path(tempfile.mkdtemp()) / "time.txt"
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(HERE)}  # the first-step callback
     done = subprocess.run(
