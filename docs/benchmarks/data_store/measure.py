@@ -99,28 +99,41 @@ def timed_child(argv: list[str]) -> tuple[float, int, str]:
     return wall, peak, done.stdout + done.stderr
 
 
-def peak_rss_of(argv: list[str]) -> tuple[float, float, str]:
-    """Run `argv` under GNU time: (wall s, peak resident GiB of the process and its children, output)."""
-    report = Path(tempfile.mkdtemp()) / "time.txt"
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(HERE)}  # the first-step callback
-    done = subprocess.run(
-        ["/usr/bin/time", "-v", "-o", str(report), *argv], capture_output=True, text=True, cwd=ROOT, env=env
-    )
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"{argv} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    kib = next(
-        int(line.split(":")[1]) for line in report.read_text().splitlines() if "Maximum resident" in line
-    )
-    return wall, kib / 2**20, done.stdout + done.stderr
+def peak_rss_of(argv: list[str], run_dir: Path) -> tuple[float, float]:
+    """Run `argv` (writing into `run_dir`) under GNU time: (wall s, peak resident GiB of the process and its
+    children). A run measured before (the script was stopped after it) is read, not run again."""
+    measured = run_dir / "measured.json"
+    if not measured.is_file():
+        report = Path(tempfile.mkdtemp()) / "time.txt"
+        start = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(HERE)}  # the first-step callback
+        done = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", str(report), *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        wall = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"{argv} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        lines = report.read_text().splitlines()
+        kib = next(int(line.split(":")[1]) for line in lines if "Maximum resident" in line)
+        measured.write_text(json.dumps({"wall_s": wall, "peak_rss_gib": kib / 2**20}))
+    record = json.loads(measured.read_text())
+    return record["wall_s"], record["peak_rss_gib"]
 
 
 def first_step_s(run_dir: Path) -> float:
     return json.loads((run_dir / "first_step.json").read_text())["since_launch_s"]
 
 
-def train_argv(data_dir, cache_dir, run_dir, *extra) -> list[str]:
+def train_argv(data_dir, cache_dir, run_dir, *extra, first_step: bool = False) -> list[str]:
+    """`python train.py` on the phantom folder; `first_step`: record launch to first step, then end."""
+    callback = [
+        "+callbacks.first_step._target_=first_step.FirstStep",
+        f"+callbacks.first_step.out={run_dir / 'first_step.json'}",
+    ]
     return [
         sys.executable,
         "train.py",
@@ -128,8 +141,7 @@ def train_argv(data_dir, cache_dir, run_dir, *extra) -> list[str]:
         f"hydra.run.dir={run_dir}",
         "logger=csv",
         "trainer.num_sanity_val_steps=0",  # a whole-volume sliding window takes a minute on a CPU
-        "+callbacks.first_step._target_=first_step.FirstStep",
-        f"+callbacks.first_step.out={run_dir / 'first_step.json'}",
+        *(callback if first_step else []),
         *extra,
     ]
 
@@ -158,33 +170,31 @@ def main() -> None:
             wall, peak, out = timed_child([*old, *overrides(data, work / f"old_cache_{n}")])
             record(cases=n, what="previous commit: dataset check + CacheDataset fill (train + val)",
                    seconds=float(out.split()[-1]), wall_s=wall)  # fmt: skip
-        # the first run preprocesses, the second reads the store; both stop after their first step
+        # the first run preprocesses, the second reads the store; both stop at their first step
         for attempt in ("first", "second"):
             run = work / f"runs_{n}" / attempt
-            argv = train_argv(data, cache, run, "trainer.max_steps=1", "+trainer.limit_val_batches=0")
-            wall, peak_gib, _ = peak_rss_of(argv)
+            argv = train_argv(data, cache, run, "+trainer.limit_val_batches=0", first_step=True)
+            wall, peak_gib = peak_rss_of(argv, run)
             record(cases=n, what=f"{attempt} run: launch to first training step", seconds=first_step_s(run),
                    wall_s=wall, peak_rss_gib=peak_gib)  # fmt: skip
         store = json.loads((work / f"runs_{n}" / "second" / "environment.json").read_text())["data"]
         size = sum(p.stat().st_size for p in Path(store["store"]).rglob("*") if p.is_file())
         raw = sum(p.stat().st_size for p in data.rglob("*.nii.gz"))
         record(cases=n, what="store on disk", store_gib=size / 2**30, raw_nifti_gib=raw / 2**30, data=store)
-        # fit with validation: two steps, one validation case, in one process and in two DDP processes
-        run = work / f"runs_{n}" / "fit"
-        validate_once = ["+trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"]
-        argv = train_argv(
-            data, cache, run, "trainer.max_steps=2", "+trainer.limit_val_batches=1", *validate_once
-        )
-        wall, peak_gib, _ = peak_rss_of(argv)
-        record(cases=n, what="fit 2 steps + validate 1 case, one process", peak_rss_gib=peak_gib, wall_s=wall)
-        if "ddp" not in args.skip:
-            run = work / f"runs_{n}" / "ddp"
-            argv = train_argv(data, cache, run, "hardware=ddp_cpu", "trainer.max_steps=2",
-                              "+trainer.limit_val_batches=1", *validate_once)  # fmt: skip
-            wall, peak_gib, _ = peak_rss_of(argv)
-            # ddp_spawn: the launcher and its two processes; GNU time reports the largest one
-            record(cases=n, what="fit + validate, 2 DDP processes (largest process)", peak_rss_gib=peak_gib,
-                   wall_s=wall)  # fmt: skip
+        # fit with validation: two steps, one validation case, in one process and in two DDP processes, with a
+        # width-4 network: what a process holds besides the U-Net's activations (the default network's
+        # 128^3 step alone peaks at 9.3 GiB on a CPU and takes minutes there)
+        fit = ["trainer.max_steps=2", "+trainer.limit_val_batches=1", "+trainer.val_check_interval=2"]
+        fit += ["trainer.check_val_every_n_epoch=null", "model.width=4"]
+        runs = [("fit_width4", [], "one process")]
+        if (
+            "ddp" not in args.skip and n == args.cases[0]
+        ):  # ddp_spawn: launcher and two processes; the largest
+            runs.append(("ddp_width4", ["hardware=ddp_cpu"], "2 DDP processes (the largest)"))
+        for name, extra, what in runs:
+            run = work / f"runs_{n}" / name
+            wall, peak_gib = peak_rss_of(train_argv(data, cache, run, *fit, *extra), run)
+            record(cases=n, what=f"fit 2 steps + validate 1 case, {what}", peak_rss_gib=peak_gib, wall_s=wall)
         if "rates" not in args.skip and n == args.cases[0]:
             rates = [sys.executable, str(HERE / "patch_rates.py"), *overrides(data, cache)]
             _, _, out = timed_child(rates)
