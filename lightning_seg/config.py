@@ -57,6 +57,8 @@ _RESOLVERS = {
     "trainer_precision": trainer_precision,
     "basename": lambda path: Path(path).name,
     "join_path": lambda folder, name: str(Path(folder) / name),  # an absolute `name` wins
+    # SLURM refuses a GPU request on a node without GPUs: a CPU run asks for none
+    "gpus_for": lambda accelerator, devices: None if accelerator == "cpu" else devices,
 }
 for _name, _resolver in _RESOLVERS.items():
     if not OmegaConf.has_resolver(_name):
