@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,17 @@ OK = "ok"
 TIMEOUT_S = 24 * 3600
 
 
+def in_slurm_job() -> bool:
+    """Whether srun started this process: Lightning's test, without the warning it gives on a machine where
+    srun exists but started nothing (a login node; the Trainer gives it once, if the user needs it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
+        return SLURMEnvironment.detect()
+
+
 def launch_environment() -> ClusterEnvironment:
     """The environment Lightning will detect: SLURM, torchrun, else its own launcher's variables."""
-    if SLURMEnvironment.detect():
+    if in_slurm_job():
         return SLURMEnvironment(auto_requeue=False)  # only read here: the Trainer makes its own
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
