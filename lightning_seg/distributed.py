@@ -48,8 +48,12 @@ def launch_id() -> str:
     """Shared by all processes of one launch, different for the next one (a SLURM requeue)."""
     if "SLURM_JOB_ID" in os.environ:
         return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    if TorchElasticEnvironment.detect():
+        # a node's workers are children of its torchrun agent; TORCHELASTIC_RUN_ID is `none` unless given,
+        # and the same for a relaunch into the run dir, whose old markers local rank 0 has not replaced yet
+        return f"torchrun{os.getppid()}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     # a plain launch: the other ranks start after local rank 0 has prepared, the marker is fresh
-    return os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    return "local"
 
 
 def prepare_once_per_node(prepare: Callable[[], Any], marker_dir: Path, name: str = "prepared") -> Any:
