@@ -1,0 +1,185 @@
+"""Through a real one-node SLURM (tests/cluster/start_slurm.sh): a submitit sweep, a 2-task DDP job, a requeue
+at the time-limit signal, and the README's plain sbatch recipe. Each job trains a tiny task for seconds."""
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from .conftest import ROOT, learnable_synthetic_overrides, tiny_synthetic_overrides
+from .test_distributed import validate_with
+
+START_SLURM = ROOT / "tests" / "cluster" / "start_slurm.sh"
+SWEEP_SEEDS = (0, 1, 2)
+JOB_TIMEOUT_S = 300  # a job's own run is seconds; a requeue waits cred_expire (10 s) on top
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """A running one-node SLURM: started (or found running) by the script CI runs with --install."""
+    started = subprocess.run(["bash", str(START_SLURM)], capture_output=True, text=True, timeout=120)
+    if started.returncode == 77:
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stderr
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float = JOB_TIMEOUT_S) -> object:
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.2)
+    return result
+
+
+def paths(tmp_path: Path) -> list[str]:
+    return [f"paths.{key}_dir={tmp_path / key}" for key in ("data", "cache", "log")]
+
+
+def submit_sweep(tmp_path: Path, overrides: list[str]) -> tuple[subprocess.Popen, Path]:
+    """`python train.py -m hydra/launcher=slurm ...` as a user runs it; it waits for its jobs."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+        *paths(tmp_path),
+        *overrides,
+    ]
+    log = open(tmp_path / "sweep.log", "w")  # noqa: SIM115 - the Popen keeps it
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), sweep
+
+
+def finish(launcher: subprocess.Popen, tmp_path: Path) -> None:
+    assert launcher.wait(timeout=JOB_TIMEOUT_S) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+
+
+def metrics(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "csv" / "metrics.csv")
+
+
+def global_step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_a_sweep_runs_one_slurm_job_per_point(slurm, tmp_path):
+    seeds = ",".join(map(str, SWEEP_SEEDS))
+    launcher, sweep = submit_sweep(
+        tmp_path, [*tiny_synthetic_overrides(), "trainer.max_epochs=1", f"seed={seeds}"]
+    )
+    finish(launcher, tmp_path)
+    (script,) = (sweep / ".submitit").glob("*/*_submission.sh")
+    assert f"#SBATCH --array=0-{len(SWEEP_SEEDS) - 1}" in script.read_text()
+    for number, seed in enumerate(SWEEP_SEEDS):
+        run = sweep / str(number)
+        assert f"seed={seed}" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert metrics(run)["val/dice"].notna().sum() == 1
+        assert list(run.glob(".prepared-slurm*-node0"))  # prepared inside a SLURM job
+
+
+def test_a_two_task_ddp_job_validates_as_one_process(slurm, tmp_path):
+    launcher, sweep = submit_sweep(
+        tmp_path,
+        [
+            *learnable_synthetic_overrides(),
+            "trainer.devices=2",  # SLURM tasks: hydra.launcher.tasks_per_node follows trainer.devices
+            "trainer.strategy=ddp",
+            "trainer.max_epochs=3",
+        ],
+    )
+    finish(launcher, tmp_path)
+    run = sweep / "0"
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    logged = metrics(run)["val/dice"].max()
+    assert logged > 0.2  # a trained network: the comparison means something
+    one = validate_with(tmp_path, "one", best, "cpu")
+    assert (one["processes"], one["cases"]) == (1, 3)
+    assert one["val/dice"] == pytest.approx(logged, abs=1e-5)
+    for log_name in ("train.log", "train_ddp_process_1.log"):  # rank 0's log and rank 1's, beside it
+        assert (run / log_name).read_text().count("patches per optimizer step") == 1, log_name
+
+
+def job_state(job: str) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, check=True)
+    return dict(re.findall(r"(\w+)=(\S+)", shown.stdout))
+
+
+def assert_continued(run: Path, epochs: int, kept: pd.DataFrame) -> None:
+    """The run ended at its full length in its own dir, its metrics rows continued, one best checkpoint."""
+    log = metrics(run)
+    validations = log[log["val/dice"].notna()]
+    assert list(validations["epoch"]) == list(range(epochs))  # each epoch validated once, none lost
+    assert log["step"].is_monotonic_increasing  # no step twice: rows the resume trains again were dropped
+    pd.testing.assert_frame_equal(log.iloc[: len(kept)][kept.columns], kept)  # rows before the signal kept
+    assert global_step(run / "checkpoints" / "last.ckpt") == log["step"].max() + 1
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert f"dice{validations['val/dice'].max():.4f}" in best.name
+    assert "SLURM job restarted: continuing" in (run / "train.log").read_text()
+
+
+def rows_before(run: Path, ckpt: Path) -> pd.DataFrame:
+    """The metrics rows a resume from `ckpt` keeps (re-read after the checkpoint is whole)."""
+    log = metrics(run)
+    return log[log["step"] < global_step(ckpt)].reset_index(drop=True)
+
+
+EPOCHS = 8  # the signal comes after the first validation: the job is still training then
+
+
+def test_a_job_signalled_for_its_time_limit_is_requeued_into_its_run_dir(slurm, tmp_path):
+    launcher, sweep = submit_sweep(tmp_path, [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}"])
+    run, last = sweep / "0", sweep / "0" / "checkpoints" / "last.ckpt"
+    wait_for(last.is_file, "the job's first last.ckpt")
+    kept = rows_before(run, last)
+    (job_log,) = (sweep / ".submitit").glob("*/*_0_log.out")  # JOB_0_log.out: task 0's
+    job = job_log.name.removesuffix("_0_log.out")
+    # the signal submitit's sbatch asks for before the time limit (--signal=USR2@120), sent now
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    finish(launcher, tmp_path)
+    assert job_state(job)["Restarts"] == "1"
+    assert_continued(run, EPOCHS, kept)
+
+
+def readme_sbatch_script() -> str:
+    """The README's sbatch recipe, as written there."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (script,) = [block for block in blocks if "#SBATCH --requeue" in block]
+    return script
+
+
+def test_the_readme_sbatch_recipe_requeues_at_its_signal_and_continues(slurm, tmp_path):
+    script = readme_sbatch_script()
+    assert "#SBATCH --signal=SIGUSR1@120" in script
+    user_command = "python train.py task=liver precision=16"
+    assert user_command in script
+    overrides = [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}", *paths(tmp_path)]
+    ours = " ".join([sys.executable, str(ROOT / "train.py"), *overrides])
+    (tmp_path / "job.sh").write_text(script.replace(user_command, ours))
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp_path / 'slurm-%j.out'}", "job.sh"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = submitted.stdout.strip()
+    run = tmp_path / "outputs" / "runs" / f"slurm-{job}"  # the recipe's run dir, relative to the job's
+    last = run / "checkpoints" / "last.ckpt"
+    wait_for(last.is_file, "the job's first last.ckpt")
+    kept = rows_before(run, last)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=SIGUSR1@120 sends
+    state = wait_for(lambda: (s := job_state(job))["JobState"] in ("COMPLETED", "FAILED") and s, "job end")
+    output = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", output[-3000:]
+    assert (run / "hpc_ckpt_1.ckpt").is_file()
+    assert_continued(run, EPOCHS, kept)
