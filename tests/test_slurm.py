@@ -1,11 +1,15 @@
 """Through a real one-node SLURM (tests/cluster/start_slurm.sh): a submitit sweep, a 2-task DDP job, a requeue
-at the time-limit signal, and the README's plain sbatch recipe. Each job trains a tiny task for seconds."""
+at the time-limit signal, and the README's plain sbatch recipe. Each job trains a tiny task for seconds; all
+are submitted at once (the node runs them side by side), so the module takes about its longest job."""
 
+import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +21,10 @@ from .test_distributed import validate_with
 
 START_SLURM = ROOT / "tests" / "cluster" / "start_slurm.sh"
 SWEEP_SEEDS = (0, 1, 2)
-JOB_TIMEOUT_S = 300  # a job's own run is seconds; a requeue waits cred_expire (10 s) on top
+EPOCHS = 8  # of the signalled jobs: the signal comes after the first validation, while they still train
+JOB_TIMEOUT_S = 600  # a job's own run is seconds; a requeue waits cred_expire (10 s) on top
+# the test node does not pin tasks to cores (TaskPlugin=task/none): one thread each, or they oversubscribe
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +49,30 @@ def paths(tmp_path: Path) -> list[str]:
     return [f"paths.{key}_dir={tmp_path / key}" for key in ("data", "cache", "log")]
 
 
-def submit_sweep(tmp_path: Path, overrides: list[str]) -> tuple[subprocess.Popen, Path]:
-    """`python train.py -m hydra/launcher=slurm ...` as a user runs it; it waits for its jobs."""
+def metrics(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "csv" / "metrics.csv")
+
+
+def global_step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+@dataclass
+class Submitted:
+    tmp: Path
+    run: Path  # the (first) run dir
+    launcher: subprocess.Popen | None = None  # `train.py -m`: it waits for its jobs
+    signalled: Future | None = None  # (job id, the metrics rows a resume keeps), once the signal is sent
+
+    def finish(self) -> None:
+        assert self.launcher.wait(timeout=JOB_TIMEOUT_S) == 0, (self.tmp / "sweep.log").read_text()[-3000:]
+
+    def job_ids(self) -> list[str]:
+        return [log.name.removesuffix("_0_log.out") for log in self.tmp.glob("**/*_0_log.out")]
+
+
+def submit_sweep(tmp_path: Path, overrides: list[str]) -> Submitted:
+    """`python train.py -m hydra/launcher=slurm ...` as a user runs it."""
     sweep = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -57,56 +86,113 @@ def submit_sweep(tmp_path: Path, overrides: list[str]) -> tuple[subprocess.Popen
         *overrides,
     ]
     log = open(tmp_path / "sweep.log", "w")  # noqa: SIM115 - the Popen keeps it
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), sweep
+    launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=ENV)
+    return Submitted(tmp_path, sweep / "0", launcher)
 
 
-def finish(launcher: subprocess.Popen, tmp_path: Path) -> None:
-    assert launcher.wait(timeout=JOB_TIMEOUT_S) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+def readme_sbatch_script() -> str:
+    """The README's sbatch recipe, as written there."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (script,) = [block for block in blocks if "#SBATCH --requeue" in block]
+    return script
 
 
-def metrics(run: Path) -> pd.DataFrame:
-    return pd.read_csv(run / "csv" / "metrics.csv")
+README_COMMAND = "python train.py task=liver precision=16"  # the part of the recipe the test replaces
 
 
-def global_step(ckpt: Path) -> int:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+def submit_readme_recipe(tmp_path: Path) -> tuple[Submitted, str]:
+    overrides = [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}", *paths(tmp_path)]
+    ours = " ".join([sys.executable, str(ROOT / "train.py"), *overrides])
+    (tmp_path / "job.sh").write_text(readme_sbatch_script().replace(README_COMMAND, ours))
+    job = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp_path / 'slurm-%j.out'}", "job.sh"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return Submitted(tmp_path, tmp_path / "outputs" / "runs" / f"slurm-{job}"), job  # the recipe's run dir
 
 
-def test_a_sweep_runs_one_slurm_job_per_point(slurm, tmp_path):
+def rows_before(run: Path, ckpt: Path) -> pd.DataFrame:
+    """The metrics rows a resume from `ckpt` keeps (re-read after the checkpoint is whole)."""
+    log = metrics(run)
+    return log[log["step"] < global_step(ckpt)].reset_index(drop=True)
+
+
+def signal_after_first_checkpoint(submitted: Submitted, signal: str, job: Callable[[], str]):
+    last = submitted.run / "checkpoints" / "last.ckpt"
+    wait_for(last.is_file, f"{submitted.run}: the first last.ckpt")
+    kept = rows_before(submitted.run, last)
+    subprocess.run(["scancel", f"--signal={signal}", job()], check=True)
+    return job(), kept
+
+
+@pytest.fixture(scope="module")
+def submitted(slurm, tmp_path_factory) -> Iterator[dict[str, Submitted]]:
+    """Every job of the module, submitted at once; each signalled job signalled after its first last.ckpt."""
     seeds = ",".join(map(str, SWEEP_SEEDS))
-    launcher, sweep = submit_sweep(
-        tmp_path, [*tiny_synthetic_overrides(), "trainer.max_epochs=1", f"seed={seeds}"]
-    )
-    finish(launcher, tmp_path)
-    (script,) = (sweep / ".submitit").glob("*/*_submission.sh")
+    jobs = {
+        "sweep": submit_sweep(
+            tmp_path_factory.mktemp("sweep"),
+            [*tiny_synthetic_overrides(), "trainer.max_epochs=1", f"seed={seeds}"],
+        ),
+        "ddp": submit_sweep(
+            tmp_path_factory.mktemp("ddp"),
+            [
+                *learnable_synthetic_overrides(),
+                "trainer.devices=2",  # SLURM tasks: hydra.launcher.tasks_per_node follows trainer.devices
+                "trainer.strategy=ddp",
+                "trainer.max_epochs=3",
+            ],
+        ),
+        "requeue": submit_sweep(
+            tmp_path_factory.mktemp("requeue"), [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}"]
+        ),
+    }
+    jobs["sbatch"], sbatch_job = submit_readme_recipe(tmp_path_factory.mktemp("sbatch"))
+    with ThreadPoolExecutor() as pool:
+        requeue = jobs["requeue"]
+        # the signal submitit's sbatch asks for before the time limit (--signal=USR2@120), sent now
+        requeue.signalled = pool.submit(
+            signal_after_first_checkpoint, requeue, "USR2", lambda: requeue.job_ids()[0]
+        )
+        # what the recipe's --signal=SIGUSR1@120 sends
+        jobs["sbatch"].signalled = pool.submit(
+            signal_after_first_checkpoint, jobs["sbatch"], "USR1", lambda: sbatch_job
+        )
+        yield jobs
+        for job in [sbatch_job, *(i for s in jobs.values() for i in s.job_ids())]:  # a failed test's jobs
+            subprocess.run(["scancel", job], capture_output=True)
+        for each in jobs.values():
+            if each.launcher is not None and each.launcher.poll() is None:
+                each.launcher.kill()
+
+
+def test_a_sweep_runs_one_slurm_job_per_point(submitted):
+    sweep = submitted["sweep"]
+    sweep.finish()
+    (script,) = sweep.tmp.glob("sweep/.submitit/*/*_submission.sh")
     assert f"#SBATCH --array=0-{len(SWEEP_SEEDS) - 1}" in script.read_text()
     for number, seed in enumerate(SWEEP_SEEDS):
-        run = sweep / str(number)
+        run = sweep.tmp / "sweep" / str(number)
         assert f"seed={seed}" in (run / ".hydra" / "overrides.yaml").read_text()
         assert metrics(run)["val/dice"].notna().sum() == 1
         assert list(run.glob(".prepared-slurm*-node0"))  # prepared inside a SLURM job
 
 
-def test_a_two_task_ddp_job_validates_as_one_process(slurm, tmp_path):
-    launcher, sweep = submit_sweep(
-        tmp_path,
-        [
-            *learnable_synthetic_overrides(),
-            "trainer.devices=2",  # SLURM tasks: hydra.launcher.tasks_per_node follows trainer.devices
-            "trainer.strategy=ddp",
-            "trainer.max_epochs=3",
-        ],
-    )
-    finish(launcher, tmp_path)
-    run = sweep / "0"
-    (best,) = (run / "checkpoints").glob("best-*.ckpt")
-    logged = metrics(run)["val/dice"].max()
+def test_a_two_task_ddp_job_validates_as_one_process(submitted):
+    ddp = submitted["ddp"]
+    ddp.finish()
+    (best,) = (ddp.run / "checkpoints").glob("best-*.ckpt")
+    logged = metrics(ddp.run)["val/dice"].max()
     assert logged > 0.2  # a trained network: the comparison means something
-    one = validate_with(tmp_path, "one", best, "cpu")
+    one = validate_with(ddp.tmp, "one", best, "cpu")
     assert (one["processes"], one["cases"]) == (1, 3)
     assert one["val/dice"] == pytest.approx(logged, abs=1e-5)
     for log_name in ("train.log", "train_ddp_process_1.log"):  # rank 0's log and rank 1's, beside it
-        assert (run / log_name).read_text().count("patches per optimizer step") == 1, log_name
+        assert (ddp.run / log_name).read_text().count("patches per optimizer step") == 1, log_name
 
 
 def job_state(job: str) -> dict[str, str]:
@@ -127,59 +213,21 @@ def assert_continued(run: Path, epochs: int, kept: pd.DataFrame) -> None:
     assert "SLURM job restarted: continuing" in (run / "train.log").read_text()
 
 
-def rows_before(run: Path, ckpt: Path) -> pd.DataFrame:
-    """The metrics rows a resume from `ckpt` keeps (re-read after the checkpoint is whole)."""
-    log = metrics(run)
-    return log[log["step"] < global_step(ckpt)].reset_index(drop=True)
-
-
-EPOCHS = 8  # the signal comes after the first validation: the job is still training then
-
-
-def test_a_job_signalled_for_its_time_limit_is_requeued_into_its_run_dir(slurm, tmp_path):
-    launcher, sweep = submit_sweep(tmp_path, [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}"])
-    run, last = sweep / "0", sweep / "0" / "checkpoints" / "last.ckpt"
-    wait_for(last.is_file, "the job's first last.ckpt")
-    kept = rows_before(run, last)
-    (job_log,) = (sweep / ".submitit").glob("*/*_0_log.out")  # JOB_0_log.out: task 0's
-    job = job_log.name.removesuffix("_0_log.out")
-    # the signal submitit's sbatch asks for before the time limit (--signal=USR2@120), sent now
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    finish(launcher, tmp_path)
+def test_a_job_signalled_for_its_time_limit_is_requeued_into_its_run_dir(submitted):
+    requeue = submitted["requeue"]
+    job, kept = requeue.signalled.result(timeout=JOB_TIMEOUT_S)
+    requeue.finish()
     assert job_state(job)["Restarts"] == "1"
-    assert_continued(run, EPOCHS, kept)
+    assert_continued(requeue.run, EPOCHS, kept)
 
 
-def readme_sbatch_script() -> str:
-    """The README's sbatch recipe, as written there."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (script,) = [block for block in blocks if "#SBATCH --requeue" in block]
-    return script
-
-
-def test_the_readme_sbatch_recipe_requeues_at_its_signal_and_continues(slurm, tmp_path):
+def test_the_readme_sbatch_recipe_requeues_at_its_signal_and_continues(submitted):
     script = readme_sbatch_script()
-    assert "#SBATCH --signal=SIGUSR1@120" in script
-    user_command = "python train.py task=liver precision=16"
-    assert user_command in script
-    overrides = [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}", *paths(tmp_path)]
-    ours = " ".join([sys.executable, str(ROOT / "train.py"), *overrides])
-    (tmp_path / "job.sh").write_text(script.replace(user_command, ours))
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--output={tmp_path / 'slurm-%j.out'}", "job.sh"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job = submitted.stdout.strip()
-    run = tmp_path / "outputs" / "runs" / f"slurm-{job}"  # the recipe's run dir, relative to the job's
-    last = run / "checkpoints" / "last.ckpt"
-    wait_for(last.is_file, "the job's first last.ckpt")
-    kept = rows_before(run, last)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=SIGUSR1@120 sends
+    assert "#SBATCH --signal=SIGUSR1@120" in script and README_COMMAND in script
+    sbatch = submitted["sbatch"]
+    job, kept = sbatch.signalled.result(timeout=JOB_TIMEOUT_S)
     state = wait_for(lambda: (s := job_state(job))["JobState"] in ("COMPLETED", "FAILED") and s, "job end")
-    output = (tmp_path / f"slurm-{job}.out").read_text()
+    output = (sbatch.tmp / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", output[-3000:]
-    assert (run / "hpc_ckpt_1.ckpt").is_file()
-    assert_continued(run, EPOCHS, kept)
+    assert (sbatch.run / "hpc_ckpt_1.ckpt").is_file()
+    assert_continued(sbatch.run, EPOCHS, kept)
