@@ -16,7 +16,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.datamodule import SPLIT_KEY
-from lightning_seg.distributed import prepare_once_per_node
+from lightning_seg.distributed import in_slurm_job, prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info, known_problems
 from lightning_seg.loggers import ResumableCSVLogger
@@ -104,8 +104,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 warnings.filterwarnings("ignore", message=message)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
     except SIGTERMException as stop:  # Lightning stops the loop on SIGTERM with SystemExit(None): status 0
+        requeued = "a requeued SLURM job continues it by itself; otherwise " if in_slurm_job() else ""
         log.warning(
-            f"stopped by SIGTERM at step {trainer.global_step}; continue with: python train.py "
+            f"stopped by SIGTERM at step {trainer.global_step}; {requeued}continue with: python train.py "
             f"<same overrides> hydra.run.dir={run.path} ckpt_path=last"
         )
         raise SystemExit(128 + signal.SIGTERM) from stop
