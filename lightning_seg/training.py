@@ -21,6 +21,7 @@ from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info, known_problems
 from lightning_seg.loggers import ResumableCSVLogger
 from lightning_seg.precision import AUTO, set_tf32, uses_tf32
+from lightning_seg.requeue import exit_if_requeued
 from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.task import check_task
@@ -39,7 +40,7 @@ RESUME_WARNINGS = (
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """`python train.py ...` in a checkout, `lightning-seg-train ...` anywhere."""
-    with user_errors(cfg):  # a broken dataset, config or path: one `error:` line, exit code 2
+    with exit_if_requeued(), user_errors(cfg):  # a broken dataset, config or path: one `error:` line, exit 2
         metrics, _ = train(cfg)
     return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
 
