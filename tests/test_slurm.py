@@ -21,7 +21,8 @@ from .test_distributed import validate_with
 
 START_SLURM = ROOT / "tests" / "cluster" / "start_slurm.sh"
 SWEEP_SEEDS = (0, 1, 2)
-EPOCHS = 8  # of the signalled jobs: the signal comes after the first validation, while they still train
+EPOCHS = 8  # of the signalled jobs: they still train when the signal comes
+SIGNALLED = ("early", "trained")  # signalled once the job checked its data, or once it wrote last.ckpt
 JOB_TIMEOUT_S = 600  # a job's own run is seconds; a requeue waits cred_expire (10 s) on top
 # the test node does not pin tasks to cores (TaskPlugin=task/none): one thread each, or they oversubscribe
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -121,17 +122,22 @@ def rows_before(run: Path, ckpt: Path) -> pd.DataFrame:
     return log[log["step"] < global_step(ckpt)].reset_index(drop=True)
 
 
-def signal_after_first_checkpoint(submitted: Submitted, signal: str, job: Callable[[], str]):
+def signal_when(submitted: Submitted, signal: str, job: Callable[[], str], trained: bool):
+    """Send `signal` once the job has checked its data (`trained`: once it has written last.ckpt); return the
+    job id and the metrics rows a resume keeps (None before any checkpoint)."""
     last = submitted.run / "checkpoints" / "last.ckpt"
-    wait_for(last.is_file, f"{submitted.run}: the first last.ckpt")
-    kept = rows_before(submitted.run, last)
+    if trained:
+        wait_for(last.is_file, f"{submitted.run}: the first last.ckpt")
+    else:
+        wait_for(lambda: list(submitted.run.glob(".prepared-*")), f"{submitted.run}: the data checked")
+    kept = rows_before(submitted.run, last) if trained else None
     subprocess.run(["scancel", f"--signal={signal}", job()], check=True)
     return job(), kept
 
 
 @pytest.fixture(scope="module")
 def submitted(slurm, tmp_path_factory) -> Iterator[dict[str, Submitted]]:
-    """Every job of the module, submitted at once; each signalled job signalled after its first last.ckpt."""
+    """Every job of the module, submitted at once; the signalled ones signalled from threads (signal_when)."""
     seeds = ",".join(map(str, SWEEP_SEEDS))
     jobs = {
         "sweep": submit_sweep(
@@ -147,21 +153,24 @@ def submitted(slurm, tmp_path_factory) -> Iterator[dict[str, Submitted]]:
                 "trainer.max_epochs=3",
             ],
         ),
-        "requeue": submit_sweep(
-            tmp_path_factory.mktemp("requeue"), [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}"]
-        ),
+        **{
+            f"requeue_{when}": submit_sweep(
+                tmp_path_factory.mktemp(f"requeue_{when}"),
+                [*tiny_synthetic_overrides(), f"trainer.max_epochs={EPOCHS}"],
+            )
+            for when in SIGNALLED
+        },
     }
     jobs["sbatch"], sbatch_job = submit_readme_recipe(tmp_path_factory.mktemp("sbatch"))
     with ThreadPoolExecutor() as pool:
-        requeue = jobs["requeue"]
-        # the signal submitit's sbatch asks for before the time limit (--signal=USR2@120), sent now
-        requeue.signalled = pool.submit(
-            signal_after_first_checkpoint, requeue, "USR2", lambda: requeue.job_ids()[0]
-        )
+        for when in SIGNALLED:
+            requeue = jobs[f"requeue_{when}"]
+            # the signal submitit's sbatch asks for before the time limit (--signal=USR2@120), sent now
+            requeue.signalled = pool.submit(
+                signal_when, requeue, "USR2", lambda r=requeue: r.job_ids()[0], when == "trained"
+            )
         # what the recipe's --signal=SIGUSR1@120 sends
-        jobs["sbatch"].signalled = pool.submit(
-            signal_after_first_checkpoint, jobs["sbatch"], "USR1", lambda: sbatch_job
-        )
+        jobs["sbatch"].signalled = pool.submit(signal_when, jobs["sbatch"], "USR1", lambda: sbatch_job, True)
         yield jobs
         for job in [sbatch_job, *(i for s in jobs.values() for i in s.job_ids())]:  # a failed test's jobs
             subprocess.run(["scancel", job], capture_output=True)
@@ -200,21 +209,23 @@ def job_state(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", shown.stdout))
 
 
-def assert_continued(run: Path, epochs: int, kept: pd.DataFrame) -> None:
+def assert_continued(run: Path, epochs: int, kept: pd.DataFrame | None) -> None:
     """The run ended at its full length in its own dir, its metrics rows continued, one best checkpoint."""
     log = metrics(run)
     validations = log[log["val/dice"].notna()]
     assert list(validations["epoch"]) == list(range(epochs))  # each epoch validated once, none lost
     assert log["step"].is_monotonic_increasing  # no step twice: rows the resume trains again were dropped
-    pd.testing.assert_frame_equal(log.iloc[: len(kept)][kept.columns], kept)  # rows before the signal kept
+    if kept is not None:  # rows before the signal kept, the run continued from its checkpoint
+        pd.testing.assert_frame_equal(log.iloc[: len(kept)][kept.columns], kept)
+        assert "SLURM job restarted: continuing" in (run / "train.log").read_text()
     assert global_step(run / "checkpoints" / "last.ckpt") == log["step"].max() + 1
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
     assert f"dice{validations['val/dice'].max():.4f}" in best.name
-    assert "SLURM job restarted: continuing" in (run / "train.log").read_text()
 
 
-def test_a_job_signalled_for_its_time_limit_is_requeued_into_its_run_dir(submitted):
-    requeue = submitted["requeue"]
+@pytest.mark.parametrize("when", SIGNALLED)
+def test_a_job_signalled_for_its_time_limit_is_requeued_into_its_run_dir(submitted, when):
+    requeue = submitted[f"requeue_{when}"]
     job, kept = requeue.signalled.result(timeout=JOB_TIMEOUT_S)
     requeue.finish()
     assert job_state(job)["Restarts"] == "1"
