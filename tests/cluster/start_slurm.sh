@@ -3,6 +3,7 @@
 # munge, started by hand (no systemd, no cgroups). Idempotent: a running cluster with this config is left
 # as it is (a second or so). `--install` installs the packages first where they are missing (root, apt).
 # Exit status 77: this machine cannot run it (the reason on stderr); the tests skip with that reason.
+# No accounting storage: sacct fails, and submitit says so at every poll ("Bypassing sacct error") and goes on.
 set -euo pipefail
 
 cannot() { echo "cannot start SLURM: $*" >&2; exit 77; }
