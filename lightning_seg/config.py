@@ -10,6 +10,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
+from lightning_seg.distributed import launch_environment
 from lightning_seg.precision import trainer_precision
 from lightning_seg.task import TaskConfig
 
@@ -51,6 +52,18 @@ def default_workers() -> int:
     return max(1, cpu_count() // torch.cuda.device_count() - 1)
 
 
+def process_name(name: str) -> str:
+    """`name` in global rank 0; `<name>_ddp_process_<rank>` in the other processes srun or torchrun started
+    (each runs Hydra itself), as Lightning names those it starts: one process writes the run's log."""
+    rank = launch_environment().global_rank()
+    return f"{name}_ddp_process_{rank}" if rank else name
+
+
+def in_rank_zero(value: str) -> str | None:
+    """`value` in global rank 0, None in the other processes (hydra.output_subdir: one writes .hydra/)."""
+    return None if launch_environment().global_rank() else value
+
+
 _RESOLVERS = {
     "repo_root": repo_root,
     "default_workers": default_workers,
@@ -65,6 +78,10 @@ _RESOLVERS = {
     "trainer_precision": trainer_precision,
     "basename": lambda path: Path(path).name,
     "join_path": lambda folder, name: str(Path(folder) / name),  # an absolute `name` wins
+    "process_name": process_name,
+    "in_rank_zero": in_rank_zero,
+    # SLURM refuses a GPU request on a node without GPUs: a CPU run asks for none
+    "gpus_for": lambda accelerator, devices: None if accelerator == "cpu" else devices,
 }
 for _name, _resolver in _RESOLVERS.items():
     if not OmegaConf.has_resolver(_name):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,17 @@ OK = "ok"
 TIMEOUT_S = 24 * 3600
 
 
+def in_slurm_job() -> bool:
+    """Whether srun started this process: Lightning's test, without the warning it gives on a machine where
+    srun exists but started nothing (a login node; the Trainer gives it once, if the user needs it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
+        return SLURMEnvironment.detect()
+
+
 def launch_environment() -> ClusterEnvironment:
     """The environment Lightning will detect: SLURM, torchrun, else its own launcher's variables."""
-    if SLURMEnvironment.detect():
+    if in_slurm_job():
         return SLURMEnvironment(auto_requeue=False)  # only read here: the Trainer makes its own
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
@@ -39,8 +48,12 @@ def launch_id() -> str:
     """Shared by all processes of one launch, different for the next one (a SLURM requeue)."""
     if "SLURM_JOB_ID" in os.environ:
         return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    if TorchElasticEnvironment.detect():
+        # a node's workers are children of its torchrun agent; TORCHELASTIC_RUN_ID is `none` unless given,
+        # and the same for a relaunch into the run dir, whose old markers local rank 0 has not replaced yet
+        return f"torchrun{os.getppid()}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     # a plain launch: the other ranks start after local rank 0 has prepared, the marker is fresh
-    return os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    return "local"
 
 
 def prepare_once_per_node(prepare: Callable[[], Any], marker_dir: Path, name: str = "prepared") -> Any:

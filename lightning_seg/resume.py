@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
 from lightning_seg.checkpoint_format import upgrade
 from lightning_seg.data.datamodule import split_in_checkpoint
+from lightning_seg.distributed import in_slurm_job
 from lightning_seg.errors import UserError
 from lightning_seg.run_dir import RunDir, write_atomic
 
@@ -43,7 +43,7 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
     not continue `run_dir` may not start where a run already is."""
     run = RunDir(run_dir)
     if ckpt_path is None:
-        path = run.newest_checkpoint() if SLURMEnvironment.detect() else None
+        path = run.newest_checkpoint() if in_slurm_job() else None
         if path is None:
             _refuse_existing_run(run)
             return None

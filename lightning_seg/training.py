@@ -16,11 +16,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_seg.config import CONFIG_DIR
 from lightning_seg.data.datamodule import SPLIT_KEY
-from lightning_seg.distributed import prepare_once_per_node
+from lightning_seg.distributed import in_slurm_job, prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info, known_problems
 from lightning_seg.loggers import ResumableCSVLogger
 from lightning_seg.precision import AUTO, set_tf32, uses_tf32
+from lightning_seg.requeue import exit_if_requeued
 from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.task import check_task
@@ -39,7 +40,7 @@ RESUME_WARNINGS = (
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """`python train.py ...` in a checkout, `lightning-seg-train ...` anywhere."""
-    with user_errors(cfg):  # a broken dataset, config or path: one `error:` line, exit code 2
+    with exit_if_requeued(), user_errors(cfg):  # a broken dataset, config or path: one `error:` line, exit 2
         metrics, _ = train(cfg)
     return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
 
@@ -105,8 +106,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 warnings.filterwarnings("ignore", message=message)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
     except SIGTERMException as stop:  # Lightning stops the loop on SIGTERM with SystemExit(None): status 0
+        requeued = "a requeued SLURM job continues it by itself; otherwise " if in_slurm_job() else ""
         log.warning(
-            f"stopped by SIGTERM at step {trainer.global_step}; continue with: python train.py "
+            f"stopped by SIGTERM at step {trainer.global_step}; {requeued}continue with: python train.py "
             f"<same overrides> hydra.run.dir={run.path} ckpt_path=last"
         )
         raise SystemExit(128 + signal.SIGTERM) from stop

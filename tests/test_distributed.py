@@ -109,7 +109,7 @@ def test_waiting_processes_stop_with_the_message_of_the_one_that_prepares(tmp_pa
     monkeypatch.setenv("GROUP_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    fresh = tmp_path / ".prepared-launch-2-node0"
+    fresh = tmp_path / f".prepared-{launch_id()}-node0"  # this launch's: its torchrun agent, its restart
 
     def rank_zero_fails_later():
         time.sleep(1.5)
