@@ -3,12 +3,14 @@
 Changing what a checkpoint holds means FORMAT_VERSION + 1, a migration in MIGRATIONS, and a test that an
 old checkpoint (tests/fixtures/) still loads."""
 
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from lightning_seg.errors import UserError
+from lightning_seg.trust import UntrustedCheckpointError, check_run_config
 
 FORMAT_KEY = "lightning_seg_format"
 FORMAT_VERSION = 1
@@ -43,10 +45,28 @@ def upgrade(checkpoint: dict, source: str | Path = "checkpoint") -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(checkpoint, its run config), plain data on the CPU, migrated; one training did not write: refused."""
-    checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True), path)
-    config = checkpoint.get("hyper_parameters", {}).get("run_config")
-    if not config:
+def load_checkpoint(
+    path: str | Path, trusted: Iterable[str] = (), mmap: bool = False, needs_config: bool = True
+) -> tuple[dict, dict]:
+    """(checkpoint, its run config), plain data on the CPU, migrated: what every command that loads a
+    checkpoint reads it with. Refused: pickled objects, code the run config names that the project does not
+    build (`trust`, `trusted`: what the user's own config names), a newer format, no run config (unless
+    `needs_config` is false: a Lightning checkpoint to resume from)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: the file would run code
+        reason = str(err).strip().splitlines()[-1][:200]
+        raise UntrustedCheckpointError(
+            f"{path}: holds pickled objects other than tensors and plain data ({reason}); refused "
+            "(SECURITY.md)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as err:  # a truncated file, or not a torch file at all
+        raise CheckpointFormatError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointFormatError(f"{path}: holds a {type(checkpoint).__name__}, not a training checkpoint")
+    config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
+    if config:
+        check_run_config(config, path, trusted)
+    elif needs_config:
         raise CheckpointFormatError(f"{path}: no run_config in it (not written by lightning_seg training)")
-    return checkpoint, config
+    return upgrade(checkpoint, path), config or {}

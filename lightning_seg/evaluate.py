@@ -16,6 +16,7 @@ from lightning_seg.inference import Predictor
 from lightning_seg.predict import list_images, predict_files
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.scoring import score_files, summarize, summary_markdown
+from lightning_seg.trust import named_by
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
             if not cfg.task_dir:
                 raise ConfigError("ckpt_path needs task_dir=TASK_DIR (the task folder to predict and score)")
             checkpoints = list(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else [cfg.ckpt_path]
-            predictor = Predictor(checkpoints, **cfg.predict)
+            predictor = Predictor(checkpoints, trusted_targets=named_by(cfg), **cfg.predict)
             labels = list(cfg.labels or predictor.labels)
             regions = cfg.regions or predictor.task.get("regions")
             run = RunDir.of_checkpoint(checkpoints[0])  # an ensemble: its first run's split (folds share it)

@@ -33,13 +33,15 @@ class Predictor:
         sw_batch_size: int = 4,
         mirror: bool = False,
         stitch_on_cpu: bool | None = None,
+        trusted_targets: Sequence[str] = (),
     ) -> None:
         paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
         if not paths:
             raise InputError("ckpt_path: no checkpoint given")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if device == "auto" else device)
-        checkpoints = [load_checkpoint(path) for path in paths]  # older formats migrated, newer refused
+        # older formats migrated; newer ones, and code the project does not build or the user trusts, refused
+        checkpoints = [load_checkpoint(path, trusted_targets) for path in paths]
         config = checkpoints[0][1]  # preprocessing, precision and mirroring follow the first checkpoint
         self.task = config["task"]
         self.labels = list(self.task["labels"])

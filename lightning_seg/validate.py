@@ -19,6 +19,7 @@ from lightning_seg.errors import MissingFileError
 from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.trainers import build_trainer
+from lightning_seg.trust import named_by
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def validate(cfg: DictConfig) -> dict:
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    checkpoint, run = load_checkpoint(ckpt_path)
+    checkpoint, run = load_checkpoint(ckpt_path, named_by(cfg))
     output_dir = Path(cfg.paths.output_dir)
     # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
     precision = str(cfg.precision or run.get("inference_precision") or run["precision"])
