@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> None:
         check_task(cfg)
         datamodule = instantiate(cfg.data)
         datamodule.prepare_data()  # writes or downloads the folder first, as training would
-        count = len(read_datalist(datamodule.task_dir))
+        count = len(read_datalist(datamodule.task_dir, datamodule.allow_outside_paths))
     print(
         f"OK: {count} cases in {cfg.data.task_dir} pass the checks (files listed in dataset.json, "
         f"readable NIfTI, {cfg.task.in_channels} channel(s), matching shapes and affines, "

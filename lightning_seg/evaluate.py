@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> float | None:
             labels = list(cfg.labels or predictor.labels)
             regions = cfg.regions or predictor.task.get("regions")
             run = RunDir.of_checkpoint(checkpoints[0])  # an ensemble: its first run's split (folds share it)
-            cases = run.cases_of_split(read_datalist(cfg.task_dir), cfg.split, cfg.task_dir)
+            listed = read_datalist(cfg.task_dir, cfg.allow_outside_paths)
+            cases = run.cases_of_split(listed, cfg.split, cfg.task_dir)
             start = time.perf_counter()
             predictions = predict_files(predictor, [c["image"] for c in cases], output / "predictions")
             seconds = time.perf_counter() - start

@@ -12,6 +12,8 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
 from lightning_seg.checkpoint_format import load_checkpoint
+from lightning_seg.data.image_size import size_problem
+from lightning_seg.data.layout import image_files
 from lightning_seg.data.transforms import preprocessing
 from lightning_seg.errors import InputError
 from lightning_seg.precision import autocast, fast_inference_precision
@@ -34,6 +36,7 @@ class Predictor:
         mirror: bool = False,
         stitch_on_cpu: bool | None = None,
         trusted_targets: Sequence[str] = (),
+        max_image_gib: float | None = None,
     ) -> None:
         paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
         if not paths:
@@ -60,7 +63,7 @@ class Predictor:
         self.precision, why = fast_inference_precision(precision, self.device)
         if why:
             log.warning("%s", why)
-        self.stitch_on_cpu = stitch_on_cpu
+        self.stitch_on_cpu, self.max_image_gib = stitch_on_cpu, max_image_gib
         self.window = dict(sw_batch_size=sw_batch_size, overlap=overlap, sw_device=self.device)
         data = config.get("data", {}) if mirror else {}
         # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)
@@ -73,6 +76,9 @@ class Predictor:
     def predict(self, image_path: str | Path | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(label map, class probabilities) on the grid of the input image (a file, or one per channel)."""
         image_path = str(image_path) if isinstance(image_path, Path) else image_path
+        for path in image_files(image_path):  # a header promising too much: refused before decompressing
+            if problem := size_problem(path, self.max_image_gib):
+                raise InputError(problem)
         try:
             data = self.preprocess({"image": image_path})
         except Exception as err:  # MONAI wraps reader errors in its own types

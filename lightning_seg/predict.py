@@ -71,7 +71,8 @@ def predict_files(
 def main(cfg: DictConfig) -> None:
     with user_errors(cfg):  # a missing file or a bad option: one `error:` line, exit code 2
         inference = ("device", "precision", "overlap", "sw_batch_size", "mirror", "stitch_on_cpu")
-        predictor = Predictor(cfg.ckpt_path, trusted_targets=named_by(cfg), **{n: cfg[n] for n in inference})
+        limits = {"trusted_targets": named_by(cfg), "max_image_gib": cfg.max_image_gib}  # SECURITY.md
+        predictor = Predictor(cfg.ckpt_path, **limits, **{name: cfg[name] for name in inference})
         images = list_inputs(cfg.input)
         start = time.perf_counter()
         predict_files(predictor, images, Path(cfg.output), cfg.save_probabilities)

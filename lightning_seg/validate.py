@@ -22,6 +22,9 @@ from lightning_seg.trainers import build_trainer
 from lightning_seg.trust import named_by
 
 log = logging.getLogger(__name__)
+# data settings the checkpoint may not decide (SECURITY.md): how big an image, how far its dataset reaches,
+# whether to download; the user's command line may (data.max_image_gib=...)
+USER_ONLY = {"max_image_gib": None, "allow_outside_paths": False, "task": {"download": False}}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="validate")
@@ -49,7 +52,7 @@ def validate(cfg: DictConfig) -> dict:
         split = json.loads(Path(cfg.split).read_text())
     else:
         raise MissingFileError(f"split={Path(cfg.split)}: no such file")
-    datamodule = instantiate(OmegaConf.merge(run["data"], cfg.data), split=split)
+    datamodule = instantiate(OmegaConf.merge(run["data"], USER_ONLY, cfg.data), split=split)
     prepare_once_per_node(datamodule.prepare_data, output_dir)
     validation_only = dict(logger=False, callbacks=[], enable_checkpointing=False, enable_model_summary=False)
     trainer = build_trainer(cfg, precision=trainer_precision(precision), **validation_only)
