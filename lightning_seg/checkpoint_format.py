@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from lightning_seg.errors import UserError
-from lightning_seg.trust import UntrustedCheckpointError, check_run_config
+from lightning_seg.trust import SHOWN, UntrustedCheckpointError, check_run_config
 
 FORMAT_KEY = "lightning_seg_format"
 FORMAT_VERSION = 1
+READ = ("task", "model", "module", "data")  # what the commands read from a run config: dicts in every format
 
 # from version N to N + 1, applied in place; one entry for every version below FORMAT_VERSION
 MIGRATIONS: dict[int, Callable[[dict], None]] = {
@@ -55,10 +56,10 @@ def load_checkpoint(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:  # weights_only refused a global: the file would run code
-        reason = str(err).strip().splitlines()[-1][:200]
+        named = [line for line in str(err).splitlines() if "GLOBAL" in line]  # torch's line naming it
+        reason = f" ({named[0].strip()[:SHOWN]})" if named else ""
         raise UntrustedCheckpointError(
-            f"{path}: holds pickled objects other than tensors and plain data ({reason}); refused "
-            "(SECURITY.md)"
+            f"{path}: holds pickled objects other than tensors and plain data{reason}; refused (SECURITY.md)"
         ) from None
     except (RuntimeError, EOFError, ValueError) as err:  # a truncated file, or not a torch file at all
         raise CheckpointFormatError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
@@ -69,4 +70,6 @@ def load_checkpoint(
         check_run_config(config, path, trusted)
     elif needs_config:
         raise CheckpointFormatError(f"{path}: no run_config in it (not written by lightning_seg training)")
+    if needs_config and (missing := [k for k in READ if not isinstance(config.get(k), dict)]):
+        raise CheckpointFormatError(f"{path}: its run_config has no {', '.join(missing)} settings")
     return upgrade(checkpoint, path), config or {}

@@ -54,6 +54,8 @@ def named_by(cfg: DictConfig | dict) -> set[str]:
 def check_run_config(config: Any, source: str | Path, trusted: Iterable[str] = ()) -> None:
     """Refuse `config` (a checkpoint's run_config) if it names a `_target_` outside the project's and
     `trusted`, or holds an interpolation there; before anything it names is imported."""
+    if not isinstance(config, dict):
+        raise UntrustedCheckpointError(f"{source}: its run_config is a {type(config).__name__}, not settings")
     config = {key: config[key] for key in REBUILT if key in config}
     for key, value in strings(config):
         if "${" in value:

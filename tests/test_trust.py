@@ -5,6 +5,7 @@ with one `error:` line naming the file and the key, exit code 2, no traceback, a
 import base64
 import copy
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lightning_seg import evaluate, predict, training, validate
 from lightning_seg.checkpoint_format import load_checkpoint, stamp
+from lightning_seg.errors import UserError
 from lightning_seg.trust import UntrustedCheckpointError
 
 from .conftest import compose_config, tiny_synthetic_overrides
@@ -200,6 +202,29 @@ def test_an_interpolation_is_refused_it_could_build_a_target(trained, tmp_path):
     with pytest.raises(UntrustedCheckpointError, match=r"model\.width = .* is an interpolation"):
         load_checkpoint(ckpt)
     assert canary.untouched()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda ck: ck["hyper_parameters"].update(run_config="model"), "its run_config is a str"),
+        (lambda ck: ck["hyper_parameters"]["run_config"].update(model="os.system"), "has no model settings"),
+        (
+            lambda ck: ck["hyper_parameters"]["run_config"]["loss"].update(_target_=["os.system"]),
+            "loss._target_",
+        ),
+        (
+            lambda ck: ck["hyper_parameters"]["run_config"]["model"].update(_target_="os.system "),
+            "'os.system '",
+        ),
+    ],
+)
+def test_a_malformed_run_config_is_named_not_run(trained, tmp_path, edit, message):
+    checkpoint = copy.deepcopy(trained["checkpoint"])
+    edit(checkpoint)
+    torch.save(checkpoint, path := tmp_path / "odd.ckpt")
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_checkpoint(path)
 
 
 def test_code_the_user_names_on_the_command_line_is_trusted(trained, tmp_path, capsys, monkeypatch):
