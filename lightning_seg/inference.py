@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
@@ -17,6 +16,7 @@ from lightning_seg.data.layout import image_files
 from lightning_seg.data.transforms import preprocessing
 from lightning_seg.errors import InputError
 from lightning_seg.precision import autocast, fast_inference_precision
+from lightning_seg.trust import build
 
 log = logging.getLogger(__name__)
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
@@ -55,9 +55,11 @@ class Predictor:
                     f"{path}: cannot join the ensemble, its task differs from {paths[0]}'s in "
                     + ", ".join(f"{k} ({other['task'].get(k)} != {self.task.get(k)})" for k in differing)
                 )
-            net = instantiate(other["model"])
-            state = checkpoint["state_dict"]
-            net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+            state = {
+                k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
+            }
+            net = build(other["model"], state, path, "model")
+            net.load_state_dict(state)
             self.nets.append((net.to(self.device).eval(), list(other["task"]["patch_size"])))
         precision = precision or config.get("inference_precision") or config["precision"]  # as validate's
         self.precision, why = fast_inference_precision(precision, self.device)

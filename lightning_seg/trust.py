@@ -7,7 +7,8 @@ names. So every `_target_` under the keys things are rebuilt from (REBUILT; nest
 config dir, a torch optimizer or scheduler, or named by the user's own config and command line
 (`trusted_targets=[...]`, any `_target_` they set). Nothing the file itself adds counts. `${...}`
 interpolations are refused there too: a resolver (`oc.create`) can build a `_target_` this check never
-saw, and training saves its config resolved."""
+saw, and training saves its config resolved. What passes is built first on the meta device (`build`):
+settings promising other shapes than the file's weights are refused before they cost memory."""
 
 import inspect
 from collections.abc import Iterable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_seg.config import CONFIG_DIR, user_config_dir
@@ -71,6 +73,22 @@ def check_run_config(config: Any, source: str | Path, trusted: Iterable[str] = (
                 f"importing it (a checkpoint is data, never code). If you trust this file and that code, "
                 f"add trusted_targets=[...] naming it (SECURITY.md)"
             )
+
+
+def build(node: dict, weights: dict, source: str | Path, key: str, **kwargs: Any) -> Any:
+    """`instantiate(node, **kwargs)` for a checked checkpoint's `key` settings whose state must be
+    `weights`: built first on the meta device (shapes, no memory), so settings promising another network
+    (a width of 4096: terabytes) are refused before they cost memory."""
+    with torch.device("meta"):
+        built = {name: tuple(t.shape) for name, t in instantiate(node, **kwargs).state_dict().items()}
+    held = {name: tuple(t.shape) for name, t in weights.items()}
+    if differ := sorted(n for n in built.keys() | held.keys() if built.get(n) != held.get(n)):
+        first = differ[0]
+        raise UntrustedCheckpointError(
+            f"{source}: its {key} settings build other shapes than its weights hold ({len(differ)} tensors, "
+            f"e.g. {first}: {built.get(first)} against {held.get(first)}); refused before building it"
+        )
+    return instantiate(node, **kwargs)
 
 
 def targets(tree: Any, key: str = "") -> Iterator[tuple[str, Any]]:

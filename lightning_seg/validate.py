@@ -19,7 +19,7 @@ from lightning_seg.errors import MissingFileError
 from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.trainers import build_trainer
-from lightning_seg.trust import named_by
+from lightning_seg.trust import build, named_by
 
 log = logging.getLogger(__name__)
 # data settings the checkpoint may not decide (SECURITY.md): how big an image, how far its dataset reaches,
@@ -43,7 +43,9 @@ def validate(cfg: DictConfig) -> dict:
     # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
     precision = str(cfg.precision or run.get("inference_precision") or run["precision"])
     set_tf32(uses_tf32(precision))
-    module = instantiate(run["module"], inference_precision=precision)
+    module = build(
+        run["module"], checkpoint["state_dict"], ckpt_path, "module", inference_precision=precision
+    )
     # the weights alone: validation needs none of the training state a Trainer would restore
     module.load_state_dict(checkpoint["state_dict"])
     if cfg.split is None:  # the run's split: in the checkpoint, else in its run's split.json

@@ -22,6 +22,7 @@ from lightning_seg.errors import UserError
 from lightning_seg.trust import UntrustedCheckpointError
 
 from .conftest import compose_config, tiny_synthetic_overrides
+from .test_hostile_data import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,6 +227,21 @@ def test_an_interpolation_is_refused_it_could_build_a_target(trained, tmp_path):
     with pytest.raises(UntrustedCheckpointError, match=r"model\.width = .* is an interpolation"):
         load_checkpoint(ckpt)
     assert canary.untouched()
+
+
+def test_settings_promising_a_network_its_weights_do_not_hold_are_refused_unbuilt(trained, tmp_path):
+    """width 4096: 94e9 parameters (376 GB) if built; the meta-device build compares shapes first."""
+
+    def wide(run: dict) -> None:
+        run["model"]["width"] = run["module"]["net"]["width"] = 4096
+
+    ckpt = hostile_copy(trained, tmp_path, wide)
+    for name, (_, argv) in commands(trained, ckpt, tmp_path).items():
+        if name != "train":  # training builds its network from the user's config, not the file's
+            result, seconds, peak_gib = run_measured(f"lightning_seg.{name}", *argv)
+            output = result.stdout + result.stderr
+            assert_refused(result.returncode, output, ckpt, ["model settings build", "module settings build"])
+            assert peak_gib < 1.0 and seconds < 60, (name, peak_gib, seconds)
 
 
 @pytest.mark.parametrize(
