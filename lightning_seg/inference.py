@@ -79,7 +79,7 @@ class Predictor:
         """(label map, class probabilities) on the grid of the input image (a file, or one per channel)."""
         image_path = str(image_path) if isinstance(image_path, Path) else image_path
         for path in image_files(image_path):  # a header promising too much: refused before decompressing
-            if problem := size_problem(path, self.max_image_gib):
+            if problem := size_problem(path, self.max_image_gib, spacing=self.task.get("spacing")):
                 raise InputError(problem)
         try:
             data = self.preprocess({"image": image_path})

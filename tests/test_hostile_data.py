@@ -15,10 +15,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from lightning_seg.data.checks import check_dataset
 from lightning_seg.data.image_size import MAX_IMAGE_GIB, size_problem
 from lightning_seg.data.layout import DatasetError, read_datalist
+from lightning_seg.errors import InputError
+from lightning_seg.inference import Predictor
 
 from .test_errors import assert_clean_error
 
@@ -136,6 +139,20 @@ def test_new_task_refuses_it_unread(bombed_task, tmp_path):
     )
     assert_bomb_refused(result, seconds, peak, bombed_task / "imagesTr")
     assert not (tmp_path / "conf" / "task" / "bombed.yaml").exists()
+
+
+def test_predict_refuses_an_image_the_checkpoint_s_spacing_would_blow_up(tmp_path):
+    """64^3 voxels of 1 mm, resampled to a checkpoint's 0.01 mm: 2.6e11 voxels, refused from the header."""
+    checkpoint = torch.load(FIXTURE, weights_only=True)
+    checkpoint["hyper_parameters"]["run_config"]["task"]["spacing"] = [0.01, 0.01, 0.01]
+    torch.save(checkpoint, ckpt := tmp_path / "fine.ckpt")
+    nib.save(
+        nib.Nifti1Image(np.zeros((64, 64, 64), np.float32), np.eye(4)), image := tmp_path / "case.nii.gz"
+    )
+    with pytest.raises(
+        InputError, match=r"262,144 voxels, 262,144,000,000 once resampled to the spacing \[0.01"
+    ):
+        Predictor(ckpt).predict(image)
 
 
 def leaking_msd_task(tmp_path: Path, synthetic_task_dir: Path, path: str) -> Path:
