@@ -65,7 +65,8 @@ def load_checkpoint(
         raise CheckpointFormatError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
     if not isinstance(checkpoint, dict):
         raise CheckpointFormatError(f"{path}: holds a {type(checkpoint).__name__}, not a training checkpoint")
-    config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
+    hparams = checkpoint.get("hyper_parameters")
+    config = hparams.get("run_config") if isinstance(hparams, dict) else None
     if config:
         check_run_config(config, path, trusted)
     elif needs_config:

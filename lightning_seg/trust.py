@@ -50,7 +50,9 @@ def named_by(cfg: DictConfig | dict) -> set[str]:
     """What the user's own config names: its `trusted_targets` and every `_target_` in it (unresolved:
     `${...}` values are the user's own)."""
     tree = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
-    return {str(t) for t in tree.get("trusted_targets") or ()} | {str(v) for _, v in targets(tree)}
+    listed = tree.get("trusted_targets") or ()
+    listed = [listed] if isinstance(listed, str) else listed  # trusted_targets=mypkg.Net: one name
+    return {str(t) for t in listed} | {str(v) for _, v in targets(tree)}
 
 
 def check_run_config(config: Any, source: str | Path, trusted: Iterable[str] = ()) -> None:

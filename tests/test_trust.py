@@ -4,6 +4,7 @@ with one `error:` line naming the file and the key, exit code 2, no traceback, a
 
 import base64
 import copy
+import os
 import pickle
 import pydoc
 import re
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 from lightning_seg import evaluate, predict, training, validate
 from lightning_seg.checkpoint_format import load_checkpoint, stamp
 from lightning_seg.errors import UserError
-from lightning_seg.trust import UntrustedCheckpointError
+from lightning_seg.trust import UntrustedCheckpointError, build
 
 from .conftest import compose_config, tiny_synthetic_overrides
 from .test_hostile_data import run_measured
@@ -33,7 +34,7 @@ def trained(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("trained")
     training.train(compose_config(tmp, [*tiny_synthetic_overrides(), "trainer.max_epochs=1"]))
     ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
-    return {"ckpt": ckpt, "checkpoint": torch.load(ckpt, weights_only=True), "data": tmp / "data", "tmp": tmp}
+    return {"ckpt": ckpt, "checkpoint": torch.load(ckpt, weights_only=True), "data": tmp / "data"}
 
 
 class Canary:
@@ -54,8 +55,6 @@ class Touch:  # unpickled, runs `touch`: the pickle.loads and raw-pickle payload
         self.path = path
 
     def __reduce__(self):
-        import os
-
         return os.system, (f"touch {self.path}",)
 
 
@@ -157,21 +156,6 @@ def assert_refused(code: int, output: str, ckpt: Path, keys: list[str]) -> None:
     assert str(ckpt) in errors[0] and any(key in errors[0] for key in keys), output
 
 
-@pytest.mark.parametrize("place", PLACES, ids=lambda p: p.__name__)
-@pytest.mark.parametrize("target", PAYLOADS)
-def test_a_checkpoint_naming_code_is_refused_by_every_command(
-    trained, tmp_path, capsys, monkeypatch, target, place
-):
-    monkeypatch.setenv("HYDRA_INSTANTIATE_ALLOWLIST_OVERRIDE", HYDRA_BLOCKLIST_OFF)  # as hydra-core < 1.3.4
-    canary = Canary(tmp_path)
-    keys = []
-    ckpt = hostile_copy(trained, tmp_path, lambda run: keys.extend(place(run, PAYLOADS[target](canary))))
-    for name, (main, argv) in commands(trained, ckpt, tmp_path).items():
-        code, output = run_in_process(main, argv, capsys, monkeypatch)
-        assert_refused(code, output, ckpt, keys)
-        assert canary.untouched(), name
-
-
 # hydra-core 1.3.8's block-list refuses every payload here; shutil.rmtree its users may allow again. Off,
 # as in hydra-core < 1.3.4: the refusal is this project's
 HYDRA_BLOCKLIST_OFF = "shutil.rmtree"
@@ -192,6 +176,21 @@ def test_every_payload_is_live(tmp_path, monkeypatch, target):
     if target in HYDRA_BLOCKLIST_OFF:  # and Hydra runs it once its block-list is off
         instantiate(PAYLOADS[target](Canary(tmp_path / "again")))
         assert not (tmp_path / "again" / "keep").exists()
+
+
+@pytest.mark.parametrize("place", PLACES, ids=lambda p: p.__name__)
+@pytest.mark.parametrize("target", PAYLOADS)
+def test_a_checkpoint_naming_code_is_refused_by_every_command(
+    trained, tmp_path, capsys, monkeypatch, target, place
+):
+    monkeypatch.setenv("HYDRA_INSTANTIATE_ALLOWLIST_OVERRIDE", HYDRA_BLOCKLIST_OFF)  # as hydra-core < 1.3.4
+    canary = Canary(tmp_path)
+    keys = []
+    ckpt = hostile_copy(trained, tmp_path, lambda run: keys.extend(place(run, PAYLOADS[target](canary))))
+    for name, (main, argv) in commands(trained, ckpt, tmp_path).items():
+        code, output = run_in_process(main, argv, capsys, monkeypatch)
+        assert_refused(code, output, ckpt, keys)
+        assert canary.untouched(), name
 
 
 def test_the_command_lines_refuse_it_as_a_user_runs_them(trained, tmp_path):
@@ -302,7 +301,7 @@ def test_every_shipped_network_loss_optimizer_and_recipe_round_trips(tmp_path, g
     stamp(checkpoint)
     torch.save(checkpoint, path := tmp_path / "shipped.ckpt")
     loaded, run = load_checkpoint(path)
-    instantiate(run["module"]).load_state_dict(loaded["state_dict"])
+    build(run["module"], loaded["state_dict"], path, "module").load_state_dict(loaded["state_dict"])
     net_state = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
-    instantiate(run["model"]).load_state_dict(net_state)
+    build(run["model"], net_state, path, "model").load_state_dict(net_state)
     assert len(instantiate(run["data"]).augmentation) == len(cfg.data.augmentation)
