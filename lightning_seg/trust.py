@@ -2,8 +2,8 @@
 
 Predict, evaluate, validate and training from a checkpoint rebuild the network, loss, optimizer, module
 and data from its `run_config` with Hydra's `instantiate`, which imports and calls whatever a `_target_`
-names. So every `_target_` under the keys things are rebuilt from (REBUILT; nested, in `_args_`,
-`_partial_` or not) must be one the project builds: named by a config file of conf/ or of the user's
+names. So every `_target_` in it (nested, in `_args_`, `_partial_` or not; only the NEVER_REBUILT keys
+aside) must be one the project builds: named by a config file of conf/ or of the user's
 config dir, a torch optimizer or scheduler, or named by the user's own config and command line
 (`trusted_targets=[...]`, any `_target_` they set). Nothing the file itself adds counts. `${...}`
 interpolations are refused there too: a resolver (`oc.create`) can build a `_target_` this check never
@@ -23,9 +23,8 @@ from lightning_seg.config import CONFIG_DIR, user_config_dir
 from lightning_seg.errors import UserError
 
 TARGET = "_target_"
-# what commands rebuild from a checkpoint (validate: `module` holds network, loss, optimizer; `data` the
-# augmentation) and the groups `module` copies; `trainer`, `callbacks`, `logger` are never rebuilt from one
-REBUILT = ("model", "module", "loss", "optimizer", "data")
+# no command builds these from a checkpoint, and older checkpoints name classes there that have moved since
+NEVER_REBUILT = ("trainer", "callbacks", "logger")
 SHOWN = 80  # characters of a refused value shown: the file chose them (terminal escapes, kilobytes)
 
 
@@ -60,7 +59,7 @@ def check_run_config(config: Any, source: str | Path, trusted: Iterable[str] = (
     `trusted`, or holds an interpolation there; before anything it names is imported."""
     if not isinstance(config, dict):
         raise UntrustedCheckpointError(f"{source}: its run_config is a {type(config).__name__}, not settings")
-    config = {key: config[key] for key in REBUILT if key in config}
+    config = {key: value for key, value in config.items() if key not in NEVER_REBUILT}
     for key, value in strings(config):
         if "${" in value:
             raise UntrustedCheckpointError(

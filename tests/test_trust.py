@@ -243,6 +243,14 @@ def test_settings_promising_a_network_its_weights_do_not_hold_are_refused_unbuil
             assert peak_gib < 1.0 and seconds < 60, (name, peak_gib, seconds)
 
 
+@pytest.mark.parametrize("key", ["task", "paths", "anything"])
+def test_a_target_anywhere_but_trainer_callbacks_logger_is_refused(trained, tmp_path, key):
+    payload = PAYLOADS["os.system"](Canary(tmp_path))
+    ckpt = hostile_copy(trained, tmp_path, lambda run: run.setdefault(key, {}).update(x=payload))
+    with pytest.raises(UntrustedCheckpointError, match=rf"{key}\.x\._target_ = 'os.system'"):
+        load_checkpoint(ckpt)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
