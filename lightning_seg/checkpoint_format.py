@@ -3,15 +3,18 @@
 Changing what a checkpoint holds means FORMAT_VERSION + 1, a migration in MIGRATIONS, and a test that an
 old checkpoint (tests/fixtures/) still loads."""
 
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from lightning_seg.errors import UserError
+from lightning_seg.trust import SHOWN, UntrustedCheckpointError, check_run_config
 
 FORMAT_KEY = "lightning_seg_format"
 FORMAT_VERSION = 1
+READ = ("task", "model", "module", "data")  # what the commands read from a run config: dicts in every format
 
 # from version N to N + 1, applied in place; one entry for every version below FORMAT_VERSION
 MIGRATIONS: dict[int, Callable[[dict], None]] = {
@@ -43,10 +46,31 @@ def upgrade(checkpoint: dict, source: str | Path = "checkpoint") -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(checkpoint, its run config), plain data on the CPU, migrated; one training did not write: refused."""
-    checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True), path)
-    config = checkpoint.get("hyper_parameters", {}).get("run_config")
-    if not config:
+def load_checkpoint(
+    path: str | Path, trusted: Iterable[str] = (), mmap: bool = False, needs_config: bool = True
+) -> tuple[dict, dict]:
+    """(checkpoint, its run config), plain data on the CPU, migrated: what every command that loads a
+    checkpoint reads it with. Refused: pickled objects, code the run config names that the project does not
+    build (`trust`, `trusted`: what the user's own config names), a newer format, no run config (unless
+    `needs_config` is false: a Lightning checkpoint to resume from)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: the file would run code
+        named = [line for line in str(err).splitlines() if "GLOBAL" in line]  # torch's line naming it
+        reason = f" ({named[0].strip()[:SHOWN]})" if named else ""
+        raise UntrustedCheckpointError(
+            f"{path}: holds pickled objects other than tensors and plain data{reason}; refused (SECURITY.md)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as err:  # a truncated file, or not a torch file at all
+        raise CheckpointFormatError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointFormatError(f"{path}: holds a {type(checkpoint).__name__}, not a training checkpoint")
+    hparams = checkpoint.get("hyper_parameters")
+    config = hparams.get("run_config") if isinstance(hparams, dict) else None
+    if config:
+        check_run_config(config, path, trusted)
+    elif needs_config:
         raise CheckpointFormatError(f"{path}: no run_config in it (not written by lightning_seg training)")
-    return checkpoint, config
+    if needs_config and (missing := [k for k in READ if not isinstance(config.get(k), dict)]):
+        raise CheckpointFormatError(f"{path}: its run_config has no {', '.join(missing)} settings")
+    return upgrade(checkpoint, path), config or {}

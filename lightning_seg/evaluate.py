@@ -16,6 +16,7 @@ from lightning_seg.inference import Predictor
 from lightning_seg.predict import list_images, predict_files
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.scoring import score_files, summarize, summary_markdown
+from lightning_seg.trust import named_by
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,12 @@ def main(cfg: DictConfig) -> float | None:
             if not cfg.task_dir:
                 raise ConfigError("ckpt_path needs task_dir=TASK_DIR (the task folder to predict and score)")
             checkpoints = list(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else [cfg.ckpt_path]
-            predictor = Predictor(checkpoints, **cfg.predict)
+            predictor = Predictor(checkpoints, trusted_targets=named_by(cfg), **cfg.predict)
             labels = list(cfg.labels or predictor.labels)
             regions = cfg.regions or predictor.task.get("regions")
             run = RunDir.of_checkpoint(checkpoints[0])  # an ensemble: its first run's split (folds share it)
-            cases = run.cases_of_split(read_datalist(cfg.task_dir), cfg.split, cfg.task_dir)
+            listed = read_datalist(cfg.task_dir, cfg.allow_outside_paths)
+            cases = run.cases_of_split(listed, cfg.split, cfg.task_dir)
             start = time.perf_counter()
             predictions = predict_files(predictor, [c["image"] for c in cases], output / "predictions")
             seconds = time.perf_counter() - start

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
 from lightning_seg.checkpoint_format import load_checkpoint
+from lightning_seg.data.image_size import size_problem
+from lightning_seg.data.layout import image_files
 from lightning_seg.data.transforms import preprocessing
 from lightning_seg.errors import InputError
 from lightning_seg.precision import autocast, fast_inference_precision
+from lightning_seg.trust import build
 
 log = logging.getLogger(__name__)
 STITCH_ON_GPU_MAX_BYTES = 2 * 2**30  # larger probability volumes are stitched in CPU memory
@@ -33,13 +35,16 @@ class Predictor:
         sw_batch_size: int = 4,
         mirror: bool = False,
         stitch_on_cpu: bool | None = None,
+        trusted_targets: Sequence[str] = (),
+        max_image_gib: float | None = None,
     ) -> None:
         paths = [ckpt_path] if isinstance(ckpt_path, str | Path) else list(ckpt_path)
         if not paths:
             raise InputError("ckpt_path: no checkpoint given")
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if device == "auto" else device)
-        checkpoints = [load_checkpoint(path) for path in paths]  # older formats migrated, newer refused
+        # older formats migrated; newer ones, and code the project does not build or the user trusts, refused
+        checkpoints = [load_checkpoint(path, trusted_targets) for path in paths]
         config = checkpoints[0][1]  # preprocessing, precision and mirroring follow the first checkpoint
         self.task = config["task"]
         self.labels = list(self.task["labels"])
@@ -50,15 +55,17 @@ class Predictor:
                     f"{path}: cannot join the ensemble, its task differs from {paths[0]}'s in "
                     + ", ".join(f"{k} ({other['task'].get(k)} != {self.task.get(k)})" for k in differing)
                 )
-            net = instantiate(other["model"])
-            state = checkpoint["state_dict"]
-            net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+            state = {
+                k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")
+            }
+            net = build(other["model"], state, path, "model")
+            net.load_state_dict(state)
             self.nets.append((net.to(self.device).eval(), list(other["task"]["patch_size"])))
         precision = precision or config.get("inference_precision") or config["precision"]  # as validate's
         self.precision, why = fast_inference_precision(precision, self.device)
         if why:
             log.warning("%s", why)
-        self.stitch_on_cpu = stitch_on_cpu
+        self.stitch_on_cpu, self.max_image_gib = stitch_on_cpu, max_image_gib
         self.window = dict(sw_batch_size=sw_batch_size, overlap=overlap, sw_device=self.device)
         data = config.get("data", {}) if mirror else {}
         # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)
@@ -71,6 +78,9 @@ class Predictor:
     def predict(self, image_path: str | Path | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(label map, class probabilities) on the grid of the input image (a file, or one per channel)."""
         image_path = str(image_path) if isinstance(image_path, Path) else image_path
+        for path in image_files(image_path):  # a header promising too much: refused before decompressing
+            if problem := size_problem(path, self.max_image_gib, spacing=self.task.get("spacing")):
+                raise InputError(problem)
         try:
             data = self.preprocess({"image": image_path})
         except Exception as err:  # MONAI wraps reader errors in its own types

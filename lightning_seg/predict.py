@@ -17,6 +17,7 @@ from lightning_seg.data.layout import NIFTI_ENDINGS, channel_files, image_files,
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import MissingFileError
 from lightning_seg.inference import Predictor
+from lightning_seg.trust import named_by
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ def predict_files(
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors(cfg):  # a missing file or a bad option: one `error:` line, exit code 2
-        options = ("device", "precision", "overlap", "sw_batch_size", "mirror", "stitch_on_cpu")
-        predictor = Predictor(cfg.ckpt_path, **{name: cfg[name] for name in options})
+        inference = ("device", "precision", "overlap", "sw_batch_size", "mirror", "stitch_on_cpu")
+        limits = {"trusted_targets": named_by(cfg), "max_image_gib": cfg.max_image_gib}  # SECURITY.md
+        predictor = Predictor(cfg.ckpt_path, **limits, **{name: cfg[name] for name in inference})
         images = list_inputs(cfg.input)
         start = time.perf_counter()
         predict_files(predictor, images, Path(cfg.output), cfg.save_probabilities)

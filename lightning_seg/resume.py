@@ -5,14 +5,14 @@
 import logging
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from lightning_seg.checkpoint_format import upgrade
+from lightning_seg.checkpoint_format import load_checkpoint
 from lightning_seg.data.datamodule import split_in_checkpoint
 from lightning_seg.distributed import in_slurm_job
 from lightning_seg.errors import UserError
@@ -37,10 +37,11 @@ class Resume:
     split: dict[str, list] | None
 
 
-def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
-    """The checkpoint `ckpt_path` names, memory-mapped: `last`: `RunDir.newest_checkpoint`; `None`: that
-    one in a requeued SLURM job (as Lightning would load its hpc checkpoint); else the file. A run that does
-    not continue `run_dir` may not start where a run already is."""
+def find_checkpoint(ckpt_path: str | None, run_dir: Path, trusted: Iterable[str] = ()) -> Resume | None:
+    """The checkpoint `ckpt_path` names, memory-mapped, checked as every command checks one (`trusted`: what
+    the user's config names): `last`: `RunDir.newest_checkpoint`; `None`: that one in a requeued SLURM job
+    (as Lightning would load its hpc checkpoint); else the file. A run that does not continue `run_dir` may
+    not start where a run already is."""
     run = RunDir(run_dir)
     if ckpt_path is None:
         path = run.newest_checkpoint() if in_slurm_job() else None
@@ -59,8 +60,8 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
             raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    # migrated before its run_config and split are read; a too-new one stops here, before any write
-    checkpoint = upgrade(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+    # checked and migrated before its run_config and split are read: a refused one stops before any write
+    checkpoint, run_config = load_checkpoint(path, trusted, mmap=True, needs_config=False)
     in_place = Path(os.path.realpath(run_dir)) in Path(os.path.realpath(path)).parents
     if not in_place:
         _refuse_existing_run(run)
@@ -68,7 +69,7 @@ def find_checkpoint(ckpt_path: str | None, run_dir: Path) -> Resume | None:
         path=path,
         in_place=in_place,
         global_step=int(checkpoint.get("global_step", 0)),
-        run_config=checkpoint.get("hyper_parameters", {}).get("run_config") or {},
+        run_config=run_config,
         split=split_in_checkpoint(checkpoint),
     )
 

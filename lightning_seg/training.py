@@ -26,6 +26,7 @@ from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wand
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.task import check_task
 from lightning_seg.trainers import LIGHTNING_OWN_DEPRECATION, build_trainer
+from lightning_seg.trust import named_by
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     SIGTERM exits with status 143 after writing `last.ckpt`."""
     check_task(cfg)
     run = RunDir(cfg.paths.output_dir)
-    resume = find_checkpoint(cfg.ckpt_path, run.path)
+    resume = find_checkpoint(cfg.ckpt_path, run.path, named_by(cfg))
     in_place = resume is not None and resume.in_place
     run.path.mkdir(parents=True, exist_ok=True)
     precision_auto = None

@@ -19,8 +19,12 @@ from lightning_seg.errors import MissingFileError
 from lightning_seg.precision import set_tf32, trainer_precision, uses_tf32
 from lightning_seg.run_dir import RunDir, write_json
 from lightning_seg.trainers import build_trainer
+from lightning_seg.trust import build, named_by
 
 log = logging.getLogger(__name__)
+# data settings the checkpoint may not decide (SECURITY.md): how big an image, how far its dataset reaches,
+# whether to download; the user's command line may (data.max_image_gib=...)
+USER_ONLY = {"max_image_gib": None, "allow_outside_paths": False, "task": {"download": False}}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="validate")
@@ -34,12 +38,14 @@ def validate(cfg: DictConfig) -> dict:
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    checkpoint, run = load_checkpoint(ckpt_path)
+    checkpoint, run = load_checkpoint(ckpt_path, named_by(cfg))
     output_dir = Path(cfg.paths.output_dir)
     # unless told: what the run validated in (precision=auto's measured choice), else what it trained in
     precision = str(cfg.precision or run.get("inference_precision") or run["precision"])
     set_tf32(uses_tf32(precision))
-    module = instantiate(run["module"], inference_precision=precision)
+    module = build(
+        run["module"], checkpoint["state_dict"], ckpt_path, "module", inference_precision=precision
+    )
     # the weights alone: validation needs none of the training state a Trainer would restore
     module.load_state_dict(checkpoint["state_dict"])
     if cfg.split is None:  # the run's split: in the checkpoint, else in its run's split.json
@@ -48,7 +54,7 @@ def validate(cfg: DictConfig) -> dict:
         split = json.loads(Path(cfg.split).read_text())
     else:
         raise MissingFileError(f"split={Path(cfg.split)}: no such file")
-    datamodule = instantiate(OmegaConf.merge(run["data"], cfg.data), split=split)
+    datamodule = instantiate(OmegaConf.merge(run["data"], USER_ONLY, cfg.data), split=split)
     prepare_once_per_node(datamodule.prepare_data, output_dir)
     validation_only = dict(logger=False, callbacks=[], enable_checkpointing=False, enable_model_summary=False)
     trainer = build_trainer(cfg, precision=trainer_precision(precision), **validation_only)

@@ -59,6 +59,7 @@ TOP_LEVEL = {
     "reproducible": "reproducible=true",
     "verbose": "verbose=true",
     "ckpt_path": "ckpt_path=last",
+    "trusted_targets": "trusted_targets=[mypkg.nets.MyNet]",
     "checkpoint_every_min": "checkpoint_every_min=2",
     "trainer": "trainer.gradient_clip_val=3",
 }

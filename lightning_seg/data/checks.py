@@ -15,6 +15,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from lightning_seg.data import layout
+from lightning_seg.data.image_size import size_problem
 from lightning_seg.data.layout import DatasetError
 from lightning_seg.run_dir import write_atomic
 
@@ -31,8 +32,11 @@ def check_dataset(
     in_channels: int,
     cache_dir: str | os.PathLike | None = None,
     workers: int = 2,
+    max_image_gib: float | None = None,
+    allow_outside_paths: bool = False,
 ) -> list[dict[str, str]]:
-    """Check a task folder against the task config; return its cases or raise DatasetError."""
+    """Check a task folder against the task config; return its cases or raise DatasetError. An image whose
+    header promises more than `max_image_gib` is refused unread (`image_size`)."""
     task_dir = Path(task_dir)
     meta = layout.read_dataset_json(task_dir)
     where = task_dir / "dataset.json"
@@ -48,7 +52,7 @@ def check_dataset(
             f"{where}: declares {len(channels)} input channels {channels}, "
             f"the task config expects in_channels={in_channels}"
         )
-    cases = layout.read_datalist(task_dir)
+    cases = layout.read_datalist(task_dir, allow_outside_paths)
     missing = [p for case in cases for p in case_files(case) if not Path(p).is_file()]
     complete = [case for case in cases if all(Path(p).is_file() for p in case_files(case))]
     memo, memo_path = {}, None
@@ -59,7 +63,7 @@ def check_dataset(
             memo = json.loads(memo_path.read_text())
     todo = [case for case in complete if memo.get(case["label"]) != case_stamp(case)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(lambda c: check_case(c, len(labels), in_channels), todo))
+        results = list(pool.map(lambda c: check_case(c, len(labels), in_channels, max_image_gib), todo))
     passed = [case for case, problem in zip(todo, results, strict=True) if problem is None]
     if memo_path is not None and passed:  # remembered even when other cases fail: a rerun reads only those
         memo.update({case["label"]: case_stamp(case) for case in passed})
@@ -78,10 +82,14 @@ def case_files(case: Mapping) -> list[str]:
     return [*layout.image_files(case["image"]), case["label"]]
 
 
-def check_case(case: Mapping, num_labels: int, in_channels: int) -> str | None:
+def check_case(
+    case: Mapping, num_labels: int, in_channels: int, max_image_gib: float | None = None
+) -> str | None:
     """Load one case; return what is wrong with it (naming the file), or None."""
     loaded = []
     for path in case_files(case):
+        if problem := size_problem(path, max_image_gib, "data.max_image_gib"):
+            return problem
         try:
             img = nib.load(path)
             loaded.append((path, img, np.asanyarray(img.dataobj)))

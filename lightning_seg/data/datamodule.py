@@ -71,6 +71,8 @@ class MSDDataModule(LightningDataModule):
         cache_shard_per_rank: bool = False,
         augmentation: Sequence[MapTransform] = (),
         split: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
+        max_image_gib: float | None = None,
+        allow_outside_paths: bool = False,
     ) -> None:
         super().__init__()
         if batch_size != AUTO and batch_size % samples_per_volume:
@@ -97,6 +99,7 @@ class MSDDataModule(LightningDataModule):
         self.crop_centres_per_class, self.augmentation = crop_centres_per_class, list(augmentation)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.num_folds, self.fold, self.split = num_folds, fold, split
+        self.max_image_gib, self.allow_outside_paths = max_image_gib, allow_outside_paths
         self.train_cases, self.val_cases, self.test_cases = [], [], []  # test: held out of both others
         self.train_set = self.val_set = None
         self.prepared = False
@@ -119,7 +122,13 @@ class MSDDataModule(LightningDataModule):
         if not (self.task_dir / "dataset.json").is_file():
             self._create_task_folder()
         cases = check_dataset(
-            self.task_dir, self.task["labels"], self.task["in_channels"], self.cache_dir, self.prep_workers
+            self.task_dir,
+            self.task["labels"],
+            self.task["in_channels"],
+            self.cache_dir,
+            self.prep_workers,
+            self.max_image_gib,
+            self.allow_outside_paths,
         )
         log.info("dataset check: the %d cases of %s are fine", len(cases), self.task_dir)
         return cases
@@ -177,7 +186,7 @@ class MSDDataModule(LightningDataModule):
         """Train, validation and test cases (the saved split or a seeded one); no data is loaded."""
         if self.train_cases:
             return
-        cases = read_datalist(self.task_dir)
+        cases = read_datalist(self.task_dir, self.allow_outside_paths)
         if self.split is not None:
             self.train_cases, self.val_cases, self.test_cases = given_split(cases, self.split, self.task_dir)
         else:

@@ -48,14 +48,33 @@ def is_nnunet(meta: Mapping) -> bool:
     return "channel_names" in meta and "training" not in meta
 
 
-def read_datalist(task_dir) -> list[dict]:
-    """Every labelled case of a task folder, as absolute paths, in a stable order."""
+def read_datalist(task_dir, allow_outside_paths: bool = False) -> list[dict]:
+    """Every labelled case of a task folder, as absolute paths, in a stable order. A path of dataset.json
+    that leaves the folder is refused unless `allow_outside_paths` (a folder from elsewhere is untrusted)."""
     task_dir = Path(task_dir)
     meta = read_dataset_json(task_dir)
-    return _nnunet_cases(task_dir, meta) if is_nnunet(meta) else _msd_cases(task_dir, meta)
+    inside = _Inside(task_dir, allow_outside_paths)
+    return _nnunet_cases(task_dir, meta, inside) if is_nnunet(meta) else _msd_cases(task_dir, meta, inside)
 
 
-def _msd_cases(task_dir: Path, meta: Mapping) -> list[dict]:
+class _Inside:
+    """A dataset.json path, resolved in the task folder; one that leaves it (`..`, absolute) refused.
+    Compared as written, symlinks not followed: a link the user made inside the folder is theirs."""
+
+    def __init__(self, task_dir: Path, allowed: bool) -> None:
+        self.task_dir, self.allowed = task_dir, allowed
+        self.root = Path(os.path.normpath(task_dir.absolute()))
+
+    def __call__(self, entry: str, path: str) -> str:
+        if not self.allowed and not Path(os.path.normpath(self.root / path)).is_relative_to(self.root):
+            raise DatasetError(
+                f"{self.task_dir / 'dataset.json'}: {entry} names {path!r}, outside the task folder; refused "
+                "(SECURITY.md). If you trust this folder: data.allow_outside_paths=true"
+            )
+        return str((self.task_dir / path).resolve())
+
+
+def _msd_cases(task_dir: Path, meta: Mapping, inside: _Inside) -> list[dict]:
     entries, where = meta.get("training"), task_dir / "dataset.json"
     if not isinstance(entries, list) or not entries:
         raise DatasetError(f"{where}: no 'training' list of cases (nor nnU-Net's 'channel_names')")
@@ -63,18 +82,18 @@ def _msd_cases(task_dir: Path, meta: Mapping) -> list[dict]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not {"image", "label"} <= entry.keys():
             raise DatasetError(f"{where}: training entry {i} needs 'image' and 'label' keys, got {entry!r}")
-        cases.append({key: str((task_dir / entry[key]).resolve()) for key in ("image", "label")})
+        cases.append({key: inside(f"training entry {i} '{key}'", entry[key]) for key in ("image", "label")})
     return cases
 
 
-def _nnunet_cases(task_dir: Path, meta: Mapping) -> list[dict]:
+def _nnunet_cases(task_dir: Path, meta: Mapping, inside: _Inside) -> list[dict]:
     where, ending = task_dir / "dataset.json", meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:
         readable = ", ".join(NIFTI_ENDINGS)
         raise DatasetError(f"{where}: file_ending '{ending}': only NIfTI ({readable}) is read")
     channels = len(meta["channel_names"])
     if isinstance(meta.get("dataset"), Mapping):  # nnU-Net's explicit listing, paths relative to the folder
-        cases = [_explicit_case(task_dir, where, name, entry) for name, entry in meta["dataset"].items()]
+        cases = [_explicit_case(where, name, entry, inside) for name, entry in meta["dataset"].items()]
     else:
         by_case = channel_files(task_dir / "imagesTr", ending)
         cases = []
@@ -100,11 +119,11 @@ def _nnunet_cases(task_dir: Path, meta: Mapping) -> list[dict]:
     return cases
 
 
-def _explicit_case(task_dir: Path, where: Path, name: str, entry) -> dict:
+def _explicit_case(where: Path, name: str, entry, inside: _Inside) -> dict:
     if not isinstance(entry, Mapping) or not {"images", "label"} <= entry.keys():
         raise DatasetError(f"{where}: dataset entry '{name}' needs 'images' and 'label'")
-    images = [str((task_dir / p).resolve()) for p in entry["images"]]
-    return {"image": images, "label": str((task_dir / entry["label"]).resolve())}
+    images = [inside(f"dataset entry '{name}' images", p) for p in entry["images"]]
+    return {"image": images, "label": inside(f"dataset entry '{name}' label", entry["label"])}
 
 
 def channel_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:

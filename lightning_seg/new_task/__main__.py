@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import nibabel as nib
 from hydra import compose, initialize_config_dir
 
 from lightning_seg.config import CONFIG_DIR, cpu_count, repo_root, user_config_dir
@@ -17,7 +18,7 @@ from lightning_seg.data import layout
 from lightning_seg.data.checks import check_dataset
 from lightning_seg.entry import user_errors
 from lightning_seg.errors import ConfigError
-from lightning_seg.new_task.fingerprint import channels_of, fingerprint
+from lightning_seg.new_task.fingerprint import fingerprint
 from lightning_seg.new_task.plan import Target, plan_task
 from lightning_seg.precision import PRECISIONS, label
 from lightning_seg.preprocess import preprocess
@@ -26,9 +27,10 @@ from lightning_seg.study.memory.fit import GPUS
 
 USAGE = (
     "lightning-seg-new-task DIR name=NAME [gpu=CARD | gpu_memory_gib=G] [precision=P] [config_dir=DIR] "
-    "[cache_dir=DIR] [workers=N] [preprocess=true]"
+    "[cache_dir=DIR] [workers=N] [max_image_gib=G] [allow_outside_paths=true] [preprocess=true]"
 )
 OPTIONS = ("name", "gpu", "gpu_memory_gib", "precision", "config_dir", "cache_dir", "workers", "preprocess")
+OPTIONS += ("max_image_gib", "allow_outside_paths")  # what the folder may cost and reach (SECURITY.md)
 DEFAULT_GIB, DEFAULT_PRECISION = 24.0, "16"
 MARKER = "# planned by lightning-seg-new-task"  # a file without it is hand-written: never overwritten
 
@@ -81,16 +83,18 @@ def new_task(folder: Path, options: dict) -> tuple[list, Path]:
             f"{folder / 'dataset.json'}: declares no labels (MSD's 'labels', or nnU-Net's name -> value)"
         )
     labels, regions = declared
-    cases = layout.read_datalist(folder)
+    outside = options.get("allow_outside_paths", "false").lower() == "true"
+    cases = layout.read_datalist(folder, outside)
     channels = layout.declared_channels(meta)
-    if channels is None:  # MSD without 'modality': the first case says how many
-        count = len(channels_of(layout.image_files(cases[0]["image"]))[0])
-        channels = [f"channel_{c}" for c in range(count)]
+    if channels is None:  # MSD without 'modality': the first case's headers say how many
+        shapes = [nib.load(path).shape for path in layout.image_files(cases[0]["image"])]
+        channels = [f"channel_{c}" for c in range(sum(s[3] if len(s) == 4 else 1 for s in shapes))]
     workers = int(options.get("workers", cpu_count()))
     # every broken case, before the fingerprint; remembered where training looks (paths.cache_dir, its
     # default unless given), so the first run does not check the cases again
     cache = Path(options.get("cache_dir") or Path(repo_root()) / "cache")
-    check_dataset(folder, labels, len(channels), cache, workers)
+    max_gib = float(options["max_image_gib"]) if "max_image_gib" in options else None
+    check_dataset(folder, labels, len(channels), cache, workers, max_gib, outside)
     print(f"fingerprinting {len(cases)} cases of {folder} ...", flush=True)
     prints = fingerprint(cases, workers)
     task, decisions = plan_task(name, str(folder), prints, labels, regions, channels, target)
@@ -149,6 +153,9 @@ def preprocess_planned(options: dict, config_root: Path) -> str:
     overrides = [f"task={options['name']}", f"data.prep_workers={int(options.get('workers', cpu_count()))}"]
     if "cache_dir" in options:
         overrides.append(f"paths.cache_dir={Path(options['cache_dir']).expanduser().resolve()}")
+    overrides += [
+        f"data.{key}={options[key]}" for key in ("max_image_gib", "allow_outside_paths") if key in options
+    ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return preprocess(compose(config_name="train", overrides=overrides))
 

@@ -35,7 +35,7 @@ def largest_volume(cfg: DictConfig) -> tuple[list[int] | None, str]:
     task_dir = Path(str(cfg.data.task_dir))
     if not (task_dir / "dataset.json").is_file():
         return None, f"{task_dir / 'dataset.json'} not found (set paths.data_dir, or plan.volume=[x,y,z])"
-    cases = read_datalist(task_dir)
+    cases = read_datalist(task_dir, cfg.data.get("allow_outside_paths", False))
     sizes = {}  # voxels per axis by image path
     for case in cases:
         path = Path(image_files(case["image"])[0])
