@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import torch
 from pytorch_lightning import Callback, Trainer
 
-from lightning_seg.errors import UserError
+from lightning_seg.errors import TrainingDiverged
 from lightning_seg.model.module import SegmentationModule, grad_scaler, loss_scale
 
 
-class NonFiniteLossError(UserError):
+class NonFiniteLossError(TrainingDiverged):
     """Training diverged (NaN/inf loss or weights); stopped before a checkpoint could hold the damage."""
 
 
