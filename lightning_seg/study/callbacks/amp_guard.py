@@ -10,10 +10,11 @@ from pytorch_lightning import Callback, Trainer
 from lightning_seg.errors import TrainingDiverged
 from lightning_seg.model.module import SegmentationModule, grad_scaler, loss_scale
 
-# an open finding, said where it may be the cause: the same command diverging in one run and not the next
+# the cause found for bf16 on CPUs, named where it may be the one (model/cpu_bf16.py works around it)
 CPU_BF16_FINDING = (
-    "bf16 autocast on a CPU has diverged intermittently with sound inputs and learning rate, cause not found "
-    "yet (docs/benchmarks/bf16_cpu_nan.md: how to record the step for a report)"
+    "On a CPU without AMX, oneDNN's bf16 Conv3d weight gradient returns garbage (NaN) where a feature map is "
+    "smaller than the kernel: such nn.Conv3d layers run in fp32 here, other convolution layers are not "
+    "covered (docs/benchmarks/bf16_cpu_nan.md)"
 )
 
 
