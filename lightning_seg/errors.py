@@ -15,3 +15,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class InputError(UserError, ValueError):
     """An input file that exists but cannot be used (unreadable, wrong channels, no run config)."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights turned non-finite. A single run stops with it; in a sweep it is a result: the
+    run dir records it (`diverged.json`) and the other runs go on (lightning_seg.sweep)."""

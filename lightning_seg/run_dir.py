@@ -5,6 +5,7 @@ target, then renamed; a resume in place removes the temporaries a kill left).
     RUN/checkpoints/last.ckpt, best-*.ckpt   RUN/csv/metrics.csv      RUN/split.json
     RUN/environment.json                     RUN/final_metrics.json   RUN/.hydra/config.yaml
     RUN/hpc_ckpt_*.ckpt (SLURM requeue)      RUN/wandb/run_id         RUN/time_to_accuracy.json
+    RUN/diverged.json (the loss or weights turned non-finite: where, and the error)
 """
 
 import json
@@ -70,6 +71,7 @@ class RunDir:
     environment_json = _part("environment.json")
     final_metrics_json = _part("final_metrics.json")
     time_to_accuracy_json = _part("time_to_accuracy.json")
+    diverged_json = _part("diverged.json")
     val_images = _part("val_images")
     wandb_run_id = _part("wandb/run_id")
 

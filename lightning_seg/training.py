@@ -19,11 +19,13 @@ from lightning_seg.data.datamodule import SPLIT_KEY
 from lightning_seg.distributed import in_slurm_job, prepare_once_per_node
 from lightning_seg.entry import user_errors, user_message
 from lightning_seg.environment import environment_info, known_problems
+from lightning_seg.errors import TrainingDiverged
 from lightning_seg.loggers import ResumableCSVLogger
 from lightning_seg.precision import AUTO, set_tf32, uses_tf32
 from lightning_seg.requeue import exit_if_requeued
 from lightning_seg.resume import Resume, find_checkpoint, prepare_in_place, wandb_run_id
 from lightning_seg.run_dir import RunDir, write_json
+from lightning_seg.sweep import in_multirun
 from lightning_seg.task import check_task
 from lightning_seg.trainers import LIGHTNING_OWN_DEPRECATION, build_trainer
 from lightning_seg.trust import named_by
@@ -42,7 +44,14 @@ RESUME_WARNINGS = (
 def main(cfg: DictConfig) -> float | None:
     """`python train.py ...` in a checkout, `lightning-seg-train ...` anywhere."""
     with exit_if_requeued(), user_errors(cfg):  # a broken dataset, config or path: one `error:` line, exit 2
-        metrics, _ = train(cfg)
+        try:
+            metrics, _ = train(cfg)
+        except TrainingDiverged as err:
+            if not in_multirun():
+                raise
+            # a result of the sweep, recorded in the run dir: the next job runs (lightning_seg.sweep)
+            log.error("%s; the sweep goes on", err)
+            return float("nan")  # Optuna marks the trial failed
     return metrics.get("best/val_dice")  # what a Hydra sweeper optimizes
 
 
@@ -97,6 +106,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         env["batch"],
     )
     if trainer.is_global_zero:  # one run dir: the other processes of a DDP run write nothing here
+        run.diverged_json.unlink(missing_ok=True)  # a resume passes an old divergence or records it anew
         run.write_split(datamodule.state_dict()[SPLIT_KEY])  # the split every checkpoint holds too
         write_json(run.environment_json, env)
     for logger in loggers:
@@ -114,6 +124,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
         raise SystemExit(128 + signal.SIGTERM) from stop
     except Exception as err:
+        if isinstance(err, TrainingDiverged) and trainer.is_global_zero:  # the run dir says so
+            where = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+            write_json(run.diverged_json, {**where, "precision": str(cfg.precision), "error": str(err)})
         if user_message(err, cfg) is None:  # a bug: its traceback belongs in the log
             log.exception("training failed; run dir: %s", run.path)
         else:  # the entry point prints the message alone

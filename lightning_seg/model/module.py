@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics.segmentation import DiceScore
 
 from lightning_seg.checkpoint_format import stamp, upgrade
+from lightning_seg.model.cpu_bf16 import fp32_where_bf16_conv_fails
 from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.precision import autocast, choice_of, fast_inference_precision
 from lightning_seg.scoring import Regions, scored_structures, structure_masks
@@ -80,7 +81,7 @@ class SegmentationModule(LightningModule):
         super().__init__()
         # plain data, for torch.load(weights_only=True); run_config (the Hydra config) rebuilds the rest
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
-        self.net, self.loss = net, loss
+        self.net, self.loss = fp32_where_bf16_conv_fails(net), loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.labels = list(labels)
         self.structures = scored_structures(self.labels, regions)

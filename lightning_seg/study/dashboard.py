@@ -28,7 +28,8 @@ LOSS_SCALE = "train/loss_scale"
 
 
 def run_name(run: Run, sweep_dir: Path) -> str:
-    return f"{run.label}, seed {run.seed} ({run.path.relative_to(sweep_dir)})"
+    diverged = f", diverged at step {run.diverged['step']}" if run.diverged else ""
+    return f"{run.label}, seed {run.seed} ({run.path.relative_to(sweep_dir)}{diverged})"
 
 
 def plot_phases(logs: list[pd.DataFrame], names: list[str], out: Path) -> Path | None:
@@ -104,6 +105,9 @@ def write_page(sweep_dir: Path, out: Path | None = None) -> Path:
         f"<h1>Sweep {html.escape(sweep_dir.name)}: {html.escape(runs[0].task)} on "
         f"{html.escape(runs[0].device)}</h1>",
         "<p>Runs: " + ", ".join(html.escape(n) for n in names) + "</p>",
+        "<p>Diverged (loss or weights non-finite; left out of the best Dice): "
+        + ", ".join(f"{html.escape(row['precision'])} {row['diverged']}" for _, row in table.iterrows())
+        + "</p>",
         "<h2>Validation Dice vs training time</h2>",
         image(report.plot_curves(runs, out)),
         image(report.plot_mean_range(runs, out)),

@@ -3,8 +3,10 @@
 usage: python -m lightning_seg.study.report SWEEP_DIR [--out DIR] [--no-wandb]
 
 Reads every run below SWEEP_DIR (a run is a folder with csv/metrics.csv, .hydra/config.yaml and
-time_to_accuracy.json). Threshold times and best Dice come from each run's time_to_accuracy.json,
-written by the callback that saw the crossing; metrics.csv only gives the curves. Where the runs
+time_to_accuracy.json). Threshold times, best Dice and a divergence come from each run's
+time_to_accuracy.json, written by the callback that saw them; metrics.csv only gives the curves. A run that
+diverged counts as such per precision, never as a Dice: best Dice and the equal-accuracy verdict are over
+the runs that finished. Where the runs
 logged to W&B, the report's numbers also go into the summary of one W&B run in the sweep's group.
 """
 
@@ -53,7 +55,14 @@ class Run:
 
     @property
     def best_dice(self) -> float:
-        return float(self.time_to_accuracy["best"])
+        """The best validation Dice (NaN where the run diverged before its first validation)."""
+        best = float(self.time_to_accuracy["best"])
+        return best if np.isfinite(best) else np.nan
+
+    @property
+    def diverged(self) -> dict | None:
+        """Where its loss or weights turned non-finite (step, epoch, error), None for a run that finished."""
+        return self.time_to_accuracy.get("diverged")
 
     def crossing(self, threshold: float) -> dict | None:
         """The callback's record of the first validation at or above `threshold` (None if never)."""
@@ -62,6 +71,8 @@ class Run:
     @property
     def validation_share(self) -> float:
         """Share of the wall time spent outside training, at the last validation."""
+        if self.curve.empty:
+            return np.nan
         last = self.curve.iloc[-1]
         wall = float(last.get("time/wall_s", float("nan")))
         return 1.0 - float(last["time/train_s"]) / wall if wall > 0 else float("nan")
@@ -74,9 +85,11 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         if not run.config_yaml.is_file():
             continue
         log = pd.read_csv(metrics)
-        if "val/dice" not in log:
+        tta = run.time_to_accuracy_json
+        record = json.loads(tta.read_text()) if tta.is_file() else {}
+        if "val/dice" not in log and not record.get("diverged"):  # never validated, nor diverged
             continue
-        if not run.time_to_accuracy_json.is_file():
+        if not record:
             print(
                 f"skipping {run.path}: no time_to_accuracy.json (callbacks.time_to_accuracy off?)",
                 file=sys.stderr,
@@ -93,9 +106,9 @@ def load_runs(sweep_dir: Path) -> list[Run]:
                 str(cfg.precision),
                 int(cfg.seed),
                 str(cfg.task.name),
-                log.dropna(subset=["val/dice"]).reset_index(drop=True),
+                log.dropna(subset=["val/dice"]).reset_index(drop=True) if "val/dice" in log else log.iloc[:0],
                 env.get("gpu") or f"CPU ({env.get('cpu_count', '?')} cores)",
-                json.loads(run.time_to_accuracy_json.read_text()),
+                record,
                 (resolved.get("logger") or {}).get("wandb"),
                 env.get("precision_auto", {}).get("train"),
             )
@@ -125,17 +138,38 @@ def _spread(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _mean(values) -> float:
+    """NaN for no values (every run diverged), without numpy's empty-slice warning."""
+    return float(np.mean(values)) if len(values) else np.nan
+
+
 def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     return {p: [r for r in runs if r.precision == p] for p in dict.fromkeys(r.precision for r in runs)}
 
 
+def finished(runs: list[Run]) -> list[Run]:
+    """The runs that did not diverge: the only ones with a final Dice."""
+    return [r for r in runs if not r.diverged]
+
+
+def diverged_count(group: list[Run]) -> str:
+    """`1 of 2`: how many runs of a precision diverged."""
+    return f"{len(group) - len(finished(group))} of {len(group)}"
+
+
+def validated(runs: list[Run]) -> list[Run]:
+    """The runs with a validation curve (a run may diverge before its first validation)."""
+    return [r for r in runs if not r.curve.empty]
+
+
 def summary_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per precision: time to each threshold (mean and spread over the seeds that reached
-    it, and how many did), speed-up vs fp32 of the means, best Dice (mean and spread), peak memory."""
+    """One row per precision: how many runs diverged, time to each threshold (mean and spread over the seeds
+    that reached it, and how many did), speed-up vs fp32 of the means, best Dice of the finished runs (mean
+    and spread), peak memory."""
     thresholds = runs[0].thresholds
     rows = []
     for precision, group in _groups(runs).items():
-        row = {"precision": label(precision), "runs": len(group)}
+        row = {"precision": label(precision), "runs": len(group), "diverged": diverged_count(group)}
         row["seeds"] = ",".join(str(r.seed) for r in group)
         for t in thresholds:
             reached = [c for c in (r.crossing(t) for r in group) if c]
@@ -145,12 +179,12 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
             row[f"reached {t:g}"] = f"{len(times)}/{len(group)}"
             # validation included: a run whose validation dominates cannot look fast
             row[f"wall to {t:g} (s)"] = float(np.mean([c["wall_s"] for c in reached])) if reached else np.nan
-        row["validation share of wall time"] = float(np.mean([r.validation_share for r in group]))
-        row["best val/dice"] = float(np.mean([r.best_dice for r in group]))
-        row["best val/dice spread"] = _spread([r.best_dice for r in group])
-        if memory := memory_column(group):
+        row["validation share of wall time"] = _mean([r.validation_share for r in validated(group)])
+        row["best val/dice"] = _mean([r.best_dice for r in finished(group)])
+        row["best val/dice spread"] = _spread([r.best_dice for r in finished(group)])
+        if memory := memory_column(validated(group)):
             column, name = memory
-            row[name] = float(np.mean([r.curve[column].max() for r in group]))
+            row[name] = _mean([r.curve[column].max() for r in validated(group)])
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table[table["precision"] == label("32")]
@@ -169,21 +203,25 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
         for t in run.thresholds:
             row[f"{t:g}"] = text.format(**record) if (record := run.crossing(t)) else "not reached"
         row["best val/dice"] = run.best_dice
+        row["diverged"] = f"at step {run.diverged['step']}" if run.diverged else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def equal_accuracy(runs: list[Run]) -> tuple[pd.DataFrame, str]:
-    """The reference talk's claim, checked: best validation Dice per precision (mean and spread over seeds)
-    and whether it differs from fp32's (else the first precision's) by more than the larger spread."""
+    """The reference talk's claim, checked: best validation Dice per precision (mean and spread over the
+    seeds that finished) and whether it differs from fp32's (else the first precision's) by more than the
+    larger spread. A precision with a diverged run is not equal, whatever its other runs reached."""
     groups = _groups(runs)
     reference = "32" if "32" in groups else next(iter(groups))
-    ref_values = [r.best_dice for r in groups[reference]]
+    ref_values = [r.best_dice for r in finished(groups[reference])]
     rows = []
     for precision, group in groups.items():
-        values = [r.best_dice for r in group]
-        delta = float(np.mean(values) - np.mean(ref_values))
-        if precision == reference:
+        values = [r.best_dice for r in finished(group)]
+        delta = _mean(values) - _mean(ref_values)
+        if len(values) < len(group):
+            verdict = f"diverged {diverged_count(group)}"
+        elif precision == reference:
             verdict = "reference"
         elif min(len(values), len(ref_values)) < 2:
             verdict = "one seed: no spread to compare with"
@@ -193,14 +231,18 @@ def equal_accuracy(runs: list[Run]) -> tuple[pd.DataFrame, str]:
             {
                 "precision": label(precision),
                 "seeds": len(values),
-                "best val/dice mean": float(np.mean(values)),
+                "diverged": diverged_count(group),
+                "best val/dice mean": _mean(values),
                 "best val/dice spread": _spread(values),
                 f"difference vs {label(reference)}": delta,
                 "differs beyond seed spread": verdict,
             }
         )
     differ = [r["precision"] for r in rows if r["differs beyond seed spread"] == "yes"]
-    if not any(r["differs beyond seed spread"] in ("yes", "no") for r in rows):
+    diverged = [f"{r['precision']} diverged in {r['diverged']} runs" for r in rows if r["diverged"][0] != "0"]
+    if diverged:
+        answer = "no: " + "; ".join([*diverged, *(f"{p} differs beyond the seed spread" for p in differ)])
+    elif not any(r["differs beyond seed spread"] in ("yes", "no") for r in rows):
         answer = "not decided: every precision needs at least two seeds for a spread"
     elif differ:
         answer = f"no: {', '.join(differ)} differ from the reference by more than the seed spread"
@@ -213,6 +255,7 @@ def wandb_summary(table: pd.DataFrame, accuracy: pd.DataFrame, answer: str) -> d
     """The report's numbers as flat W&B summary keys."""
     summary = {"equal_accuracy/answer": answer}
     for row in accuracy.to_dict("records"):
+        summary[f"equal_accuracy/{row['precision']}/diverged"] = row["diverged"]
         summary[f"equal_accuracy/{row['precision']}/best_dice_mean"] = row["best val/dice mean"]
         summary[f"equal_accuracy/{row['precision']}/best_dice_spread"] = row["best val/dice spread"]
     for row in table.to_dict("records"):
@@ -254,14 +297,15 @@ def save_figure(fig: Figure, path: Path) -> Path:
 def plot_curves(runs: list[Run], out: Path) -> Path:
     ax = Figure(figsize=(8, 5), dpi=120).subplots()
     styles = ["-", "--", ":", "-."]
-    for run in runs:
+    for run in validated(runs):
+        diverged = f" (diverged at step {run.diverged['step']})" if run.diverged else ""
         ax.plot(
             run.curve["time/train_s"],
             run.curve["val/dice"],
             styles[run.seed % len(styles)],
             marker=".",
             color=COLOURS.get(run.precision, "black"),
-            label=f"{run.label}, seed {run.seed}",
+            label=f"{run.label}, seed {run.seed}{diverged}",
         )
     _decorate(ax, runs, "Validation Dice vs training time, one curve per run")
     return save_figure(ax.figure, out / "dice_vs_time.png")
@@ -269,7 +313,7 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
 
 def plot_mean_range(runs: list[Run], out: Path) -> Path:
     ax = Figure(figsize=(8, 5), dpi=120).subplots()
-    for precision, group in _groups(runs).items():
+    for precision, group in _groups(finished(runs)).items():
         # the span every seed covers, so the mean never jumps where a seed starts or ends
         start = max(r.curve["time/train_s"].min() for r in group)
         end = min(r.curve["time/train_s"].max() for r in group)
@@ -281,7 +325,7 @@ def plot_mean_range(runs: list[Run], out: Path) -> Path:
         colour = COLOURS.get(precision, "black")
         ax.plot(grid, values.mean(0), color=colour, label=f"{group[0].label}: mean of {len(group)}")
         ax.fill_between(grid, values.min(0), values.max(0), color=colour, alpha=0.2)
-    _decorate(ax, runs, "Best validation Dice so far: mean and range over seeds")
+    _decorate(ax, runs, "Best validation Dice so far: mean and range over the seeds that finished")
     return save_figure(ax.figure, out / "dice_vs_time_mean.png")
 
 
@@ -294,7 +338,8 @@ def _decorate(ax, runs: list[Run], title: str) -> None:
     ax.set_xlabel("training time, validation excluded (s)")
     ax.set_ylabel("validation foreground mean Dice")
     ax.set_title(f"{runs[0].task} on {runs[0].device}: {title}", fontsize=10)
-    low = min(min(r.curve["val/dice"].min() for r in runs), min(runs[0].thresholds))
+    low = min([r.curve["val/dice"].min() for r in validated(runs)], default=1.0)
+    low = min(low, min(runs[0].thresholds))
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -7,11 +7,18 @@ from collections.abc import Mapping
 import torch
 from pytorch_lightning import Callback, Trainer
 
-from lightning_seg.errors import UserError
+from lightning_seg.errors import TrainingDiverged
 from lightning_seg.model.module import SegmentationModule, grad_scaler, loss_scale
 
+# the cause found for bf16 on CPUs, named where it may be the one (model/cpu_bf16.py works around it)
+CPU_BF16_FINDING = (
+    "On a CPU without AMX, oneDNN's bf16 Conv3d weight gradient returns garbage (NaN) where a feature map is "
+    "smaller than the kernel: such nn.Conv3d layers run in fp32 here, other convolution layers are not "
+    "covered (docs/benchmarks/bf16_cpu_nan.md)"
+)
 
-class NonFiniteLossError(UserError):
+
+class NonFiniteLossError(TrainingDiverged):
     """Training diverged (NaN/inf loss or weights); stopped before a checkpoint could hold the damage."""
 
 
@@ -80,6 +87,8 @@ class AmpGuard(Callback):
         else:
             others = "precision=32" if trainer.precision == "bf16-mixed" else "precision=bf16 or precision=32"
             advice = f"Under precision {trainer.precision}, try {others}, or {lr}"
+        if trainer.precision == "bf16-mixed" and trainer.strategy.root_device.type == "cpu":
+            advice += f". {CPU_BF16_FINDING}"
         return f"{start}{what}{kept}. {advice}"
 
     def state_dict(self) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_seg.errors import TrainingDiverged
 from lightning_seg.run_dir import write_json
 from lightning_seg.study.callbacks.training_clock import TrainingClock
 
@@ -22,6 +23,7 @@ class TimeToAccuracy(Callback):
         self.path, self.monitor, self.stop_at = Path(path), monitor, stop_at
         self.reached: dict[str, dict] = {}
         self.best = float("-inf")
+        self.diverged: dict | None = None  # where the loss or weights turned non-finite: the report counts it
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -46,13 +48,23 @@ class TimeToAccuracy(Callback):
         if self.stop_at is not None and value >= self.stop_at:
             trainer.should_stop = True
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # a diverged run is a result of the study, also one that never validated
+        if isinstance(exception, TrainingDiverged) and trainer.is_global_zero:
+            where = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+            self.diverged = {**where, "error": str(exception)}
+            self._write(trainer)
+
     def _write(self, trainer: Trainer) -> None:
-        keys = ("monitor", "thresholds", "stop_at", "best", "reached")  # what the report and dashboard read
+        # what the report and dashboard read
+        keys = ("monitor", "thresholds", "stop_at", "best", "reached", "diverged")
         write_json(self.path, {key: getattr(self, key) for key in keys})
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 summary = logger.experiment.summary
                 summary["best/val_dice"] = self.best
+                if self.diverged:
+                    summary["diverged_at_step"] = self.diverged["step"]
                 for threshold, record in self.reached.items():
                     for key in ("train_s", "wall_s", "step"):
                         summary[f"time_to_dice/{threshold}/{key}"] = record[key]
