@@ -6,9 +6,10 @@ Writes CT phantom folders shaped like MSD Task08_HepaticVessel (512 x 512 x 64 i
 5 mm) under WORK_DIR, then for each size: the first preprocessing (and, with --old-checkout, the previous
 commit's in-memory cache fill of the same cases, side by side), launch to the first training step of a
 first and a second `python train.py task=hepatic_vessel ...` run, the peak resident memory of a training
-process that fits two steps and validates one case (one process, and each of two DDP processes), patches
-per second one core draws from the store and from memory (reference and nnU-Net recipes), and the
-store's size on disk. Prints a JSON record per measurement and writes WORK_DIR/data_store.json."""
+process with a width-4 network that fits two steps and validates one case (one process; the larger of two
+DDP processes), patches per second one core draws from the store and from memory (reference and nnU-Net
+recipes), and the store's size on disk. Prints a JSON record per measurement and writes
+WORK_DIR/data_store.json."""
 
 import argparse
 import json
