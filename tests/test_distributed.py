@@ -130,13 +130,14 @@ def test_each_validation_case_on_exactly_one_process_and_training_shards(synthet
         datamodule = instantiate(
             cfg.data, task_dir=str(synthetic_task_dir), cache_shard_per_rank=True, prep_workers=0
         )
-        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=3)
+        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=3, num_devices=3)
         datamodule.setup("fit")
         per_rank.append(datamodule)
-    val = [case["image"] for dm in per_rank for case in dm.val_set.data]
-    assert sorted(val) == sorted(c["image"] for c in per_rank[0].val_cases)  # each once, none repeated
-    shards = [[case["image"] for case in dm.train_set.data] for dm in per_rank]
-    train_cases = {c["image"] for c in per_rank[0].train_cases}
+    stored = per_rank[0].store.case  # a case's folder in the preprocessed store
+    val = [case.folder for dm in per_rank for case in dm.val_set.cases]
+    assert sorted(val) == sorted(stored(c).folder for c in per_rank[0].val_cases)  # each once, none repeated
+    shards = [[case.folder for case in dm.train_set.cases] for dm in per_rank]
+    train_cases = {stored(c).folder for c in per_rank[0].train_cases}
     assert {case for shard in shards for case in shard} == train_cases
     assert len({len(shard) for shard in shards}) == 1  # evened out: every process steps equally often
     with pytest.raises(ConfigError, match="3 validation case.s. for 4 processes"):
