@@ -169,7 +169,7 @@ def test_unknown_task_fails_at_composition_with_the_choices(tmp_path):
         ("precision=17", "error: precision=17: choose one of 32, tf32, 16, bf16"),
         # more volumes per step than cases train: Lightning would end at once, exit code 0, nothing trained
         ("data.batch_size=12", "error: data.batch_size=12 draws 6 training volumes per step"),
-        ("data.cache=ram", "error: data.cache must be one of memory, disk, gpu, none, got 'ram'"),
+        ("data.cache=ram", "error: data.cache must be one of auto, memory, disk, gpu, got 'ram'"),
         (
             "task.patch_size=[24,24,24]",
             "error: task.patch_size=[24,24,24]: model=basic_unet down-samples 4 times",
