@@ -228,7 +228,7 @@ class MSDDataModule(LightningDataModule):
         store.build(self.train_cases + self.val_cases, self.prep_workers)
         if self.val_set is None:
             self.check_processes(world)
-            self.val_set = VolumeDataset([store.case(c) for c in self.val_cases[rank::world]])
+            self.val_set = VolumeDataset(store, self.val_cases[rank::world])
         if self.train_set is not None or stage not in (None, "fit"):
             return
         train_cases = self.train_cases

@@ -13,7 +13,7 @@ from monai.transforms import Compose, Randomizable
 from monai.transforms.utils import generate_label_classes_crop_centers
 from torch.utils.data import Dataset
 
-from lightning_seg.data.store import StoredCase
+from lightning_seg.data.store import Store, StoredCase
 
 HOLD = ("memory", "disk", "gpu")  # where training's cases are read from: see PatchDataset
 
@@ -86,10 +86,11 @@ class PatchDataset(Randomizable, Dataset):
 
 
 class VolumeDataset(Dataset):
-    """Whole stored volumes, read one at a time (validation)."""
+    """Whole stored volumes of `data` (case dicts, as MONAI's datasets name them: callbacks read the case
+    names there), read one at a time (validation)."""
 
-    def __init__(self, cases: Sequence[StoredCase]) -> None:
-        self.cases = list(cases)
+    def __init__(self, store: Store, data: Sequence[Mapping]) -> None:
+        self.data, self.cases = list(data), [store.case(case) for case in data]
 
     def __len__(self) -> int:
         return len(self.cases)
