@@ -27,7 +27,7 @@ def synthetic_run(tmp_path_factory):
     """A model trained briefly on the synthetic task, with a fifth of the cases held out."""
     tmp = tmp_path_factory.mktemp("trained")
     cfg = compose_config(
-        tmp, [*learnable_synthetic_overrides(), "trainer.max_epochs=15", "data.test_fraction=0.2"]
+        tmp, [*learnable_synthetic_overrides(), "trainer.max_epochs=20", "data.test_fraction=0.2"]
     )
     metrics, _ = train(cfg)
     best = next((tmp / "run" / "checkpoints").glob("best-*.ckpt"))
