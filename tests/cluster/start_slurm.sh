@@ -20,13 +20,15 @@ host=$(hostname -s)
 conf=/etc/slurm/slurm.conf
 # cred_expire and sched_interval: a requeued job starts again after ~11 s instead of 120 s (both are read
 # only when slurmctld starts). CPUs=8 over the real count (config_overrides): a sweep's points and a
-# 2-task job run side by side; the tests' jobs are tiny.
+# 2-task job run side by side; the tests' jobs are tiny. MinJobAge: a finished job stays visible to
+# `scontrol show job` for an hour (default 300 s: a loaded machine's test polled after it was purged).
 wanted="ClusterName=lightning-seg
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 SchedulerParameters=sched_interval=5
+MinJobAge=3600
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
