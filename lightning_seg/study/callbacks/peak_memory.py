@@ -3,6 +3,7 @@
 import logging
 import resource
 import sys
+from pathlib import Path
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
@@ -14,8 +15,19 @@ def peak_memory_gib(device: torch.device | str) -> float:
     """Peak memory of this process: GPU memory allocated by PyTorch, else the CPU resident set."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return resident_peak_bytes() / 2**30
+
+
+def resident_peak_bytes() -> int:
+    """This process's peak resident set. On Linux from /proc (VmHWM), not ru_maxrss: that one keeps, across
+    exec, the peak of the process this one was spawned from (a DDP rank launched by rank 0 read rank 0's)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 # under DDP: the fullest process's peak, the one that runs out of memory first
