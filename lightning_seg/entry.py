@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lightning_seg.errors import UserError
+from lightning_seg.errors import JobFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ def user_errors(cfg: DictConfig | None = None, key: str | None = None) -> Iterat
         if wants_traceback(cfg):
             traceback.print_exc()
         report(message)
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            # a submitit job (a SLURM sweep point) that exits leaves no result; the launcher then waits for
+            # one until SLURM's accounting says the job failed, forever on a cluster without it. Raised,
+            # submitit stores the error as the result and the launcher re-raises it.
+            raise JobFailed(message) from None
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -20,3 +20,7 @@ class InputError(UserError, ValueError):
 class TrainingDiverged(UserError):
     """The loss or the weights turned non-finite. A single run stops with it; in a sweep it is a result: the
     run dir records it (`diverged.json`) and the other runs go on (lightning_seg.sweep)."""
+
+
+class JobFailed(Exception):
+    """A user error in a submitit job, raised for submitit to return to the launcher (`entry.user_errors`)."""

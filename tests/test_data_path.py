@@ -2,6 +2,7 @@
 
 import copy
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -170,3 +171,14 @@ def test_auto_holds_small_datasets_in_memory_and_reads_large_ones_from_disk(
     assert f"data.memory_share={share} of the host memory per process" in source["reason"]
     assert ("memory-mapped store" in source["reason"]) == (hold == "disk")
     assert source["store"] == str(dm.store.path) and source["training_gib"] > 0
+
+
+def test_points_starting_together_write_the_synthetic_task_once_and_all_read_it_whole(tmp_path, caplog):
+    """A sweep's points share paths.data_dir: one writes the task folder, the others wait for it (a point
+    reading files another was still writing failed the SLURM sweep with `not a gzip file`)."""
+    cfg = compose_config(tmp_path, tiny_synthetic_overrides())
+    caplog.set_level(logging.INFO, "lightning_seg.data.datamodule")
+    with ThreadPoolExecutor(3) as pool:  # an flock excludes threads too: each opens the lock file itself
+        checked = list(pool.map(lambda _: instantiate(cfg.data).check(), range(3)))
+    assert [len(cases) for cases in checked] == [6, 6, 6]
+    assert sum("writing the synthetic task" in r.getMessage() for r in caplog.records) == 1

@@ -153,6 +153,8 @@ def submitted(slurm, tmp_path_factory) -> Iterator[dict[str, Submitted]]:
                 "trainer.max_epochs=3",
             ],
         ),
+        # a user error in the job (no such data folder): submitit gets no result from a job that exits
+        "broken": submit_sweep(tmp_path_factory.mktemp("broken"), ["task=hippocampus", "hardware=cpu"]),
         **{
             f"requeue_{when}": submit_sweep(
                 tmp_path_factory.mktemp(f"requeue_{when}"),
@@ -177,6 +179,14 @@ def submitted(slurm, tmp_path_factory) -> Iterator[dict[str, Submitted]]:
         for each in jobs.values():
             if each.launcher is not None and each.launcher.poll() is None:
                 each.launcher.kill()
+
+
+def test_a_point_with_a_user_error_ends_the_sweep_with_its_message(submitted):
+    """Without SLURM accounting (this cluster has none) submitit would wait forever for a job that exits."""
+    broken = submitted["broken"]
+    assert broken.launcher.wait(timeout=JOB_TIMEOUT_S) != 0
+    log = (broken.tmp / "sweep.log").read_text()
+    assert f"{broken.tmp / 'data' / 'Task04_Hippocampus'}: no such folder" in log, log[-3000:]
 
 
 def test_a_sweep_runs_one_slurm_job_per_point(submitted):

@@ -23,6 +23,7 @@ from lightning_seg.data.store import Store
 from lightning_seg.data.synthetic import write_synthetic_msd
 from lightning_seg.data.transforms import class_ratios, patch_transforms
 from lightning_seg.errors import ConfigError
+from lightning_seg.file_lock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ class MSDDataModule(LightningDataModule):
 
     def check(self) -> list[dict]:
         """Write or download the task folder if missing, then check every case; return the cases."""
-        if not (self.task_dir / "dataset.json").is_file():
-            self._create_task_folder()
+        # written (or being written) by this project: wait for the writer, one of a sweep's points
+        lock = self.task_dir.parent / f".{self.task_dir.name}.lock"
+        if lock.is_file() or not (self.task_dir / "dataset.json").is_file():
+            self._create_task_folder(lock)
         cases = check_dataset(
             self.task_dir,
             self.task["labels"],
@@ -165,14 +168,20 @@ class MSDDataModule(LightningDataModule):
         log.info("training cases read from %s (%s); store %s", choice, reason, self.store.path)
         return self.data_source
 
-    def _create_task_folder(self) -> None:
+    def _create_task_folder(self, lock: Path) -> None:
         task = self.task
-        if task.get("synthetic"):
-            log.info("writing the synthetic task to %s", self.task_dir)
-            write_synthetic_msd(self.task_dir, num_labels=len(task["labels"]), **task["synthetic"])
-        elif task.get("download"):
-            log.info("downloading %s to %s", task["msd_folder"], self.task_dir.parent)
-            download_msd_task(self.task_dir, task["msd_folder"], task.get("url"), task.get("md5"))
+        if task.get("synthetic") or task.get("download"):
+            # the sweep's points start together: one writes, the others wait and find it written
+            self.task_dir.parent.mkdir(parents=True, exist_ok=True)
+            with exclusive(lock, self.task_dir):
+                if (self.task_dir / "dataset.json").is_file():
+                    return
+                if task.get("synthetic"):
+                    log.info("writing the synthetic task to %s", self.task_dir)
+                    write_synthetic_msd(self.task_dir, num_labels=len(task["labels"]), **task["synthetic"])
+                else:
+                    log.info("downloading %s to %s", task["msd_folder"], self.task_dir.parent)
+                    download_msd_task(self.task_dir, task["msd_folder"], task.get("url"), task.get("md5"))
         else:
             url, _ = msd_source(task["msd_folder"], task.get("url"), task.get("md5"))
             found = "no dataset.json in this folder" if self.task_dir.is_dir() else "no such folder"

@@ -17,14 +17,13 @@ a case and a killed writer leaves only a temporary folder the next writer remove
 nnU-Net also unpacks its compressed cases to plain .npy before training reads them."""
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from lightning_seg.data.checks import case_stamp
 from lightning_seg.data.layout import NIFTI_ENDINGS, case_name
 from lightning_seg.data.transforms import nonzero, normalization, resampling
+from lightning_seg.file_lock import exclusive
 from lightning_seg.run_dir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class Store:
         if not self.stale(cases):
             return 0
         self.path.mkdir(parents=True, exist_ok=True)
-        with _exclusive(self.path / ".lock"):
+        with exclusive(self.path / ".lock", self.path):
             todo = self.stale(cases)  # what another process wrote while this one waited is done
             for leftover in [*self.path.glob(".tmp-*"), *self.path.glob(".old-*")]:  # a killed writer's
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -168,14 +168,3 @@ def write_case(case: Mapping, task: Mapping, max_centres: int, folder: Path) -> 
         folder.rename(old)
         shutil.rmtree(old)
     tmp.rename(folder)
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process preprocessing into %s", lock.parent)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield

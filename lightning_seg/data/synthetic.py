@@ -8,6 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lightning_seg.run_dir import write_json
+
 ORGAN_INTENSITIES = (2.0, 3.2, 1.2, 4.0)  # body is 1.0; one value per foreground label
 
 
@@ -44,7 +46,7 @@ def write_synthetic_msd(
         "training": training,
         "test": [],
     }
-    (task_dir / "dataset.json").write_text(json.dumps(meta, indent=2))
+    write_json(task_dir / "dataset.json", meta)  # last, and whole: its presence says the task is complete
     return task_dir
 
 
