@@ -26,10 +26,9 @@ def seeds(text: str) -> list[int]:
 
 def run(work: Path, precision: str, seed: int, repeat: int, extra: list[str]) -> dict:
     run_dir = work / f"p{precision}_s{seed}_r{repeat}"
-    command = [
-        sys.executable, str(ROOT / "train.py"), f"precision={precision}", "trainer.max_epochs=2", f"seed={seed}",
-        f"hydra.run.dir={run_dir}", f"paths.cache_dir={work / 'cache'}", f"paths.data_dir={work / 'data'}", *extra,
-    ]  # fmt: skip
+    command = [sys.executable, str(ROOT / "train.py"), f"precision={precision}", "trainer.max_epochs=2"]
+    command += [f"seed={seed}", f"hydra.run.dir={run_dir}", *extra]
+    command += [f"paths.cache_dir={work / 'cache'}", f"paths.data_dir={work / 'data'}"]
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     metrics = run_dir / "csv" / "metrics.csv"
@@ -67,7 +66,8 @@ def main() -> None:
                     print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
-    print(f"non-finite: {int(table['non_finite'].sum())} of {len(table)} runs; failed: {(table['exit'] != 0).sum()}")
+    failed = int((table["exit"] != 0).sum())
+    print(f"non-finite: {int(table['non_finite'].sum())} of {len(table)} runs; failed: {failed}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_seg.model.cpu_bf16 import fp32_where_bf16_conv_fails
 from lightning_seg.model.deep_supervision import segmentation_loss
 from lightning_seg.precision import autocast, autocast_dtype, set_tf32, uses_tf32
 from lightning_seg.study.callbacks.peak_memory import peak_memory_gib
@@ -18,7 +19,9 @@ def run(cfg: DictConfig, batch_size: int, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True
     set_tf32(uses_tf32(cfg.precision))
-    net = instantiate(cfg.model).to(device).train()
+    # the module's network as it trains: oneDNN's failing bf16 convolutions in fp32 (a bare CPU bf16 loop
+    # without it went NaN now and then, as the project's step did before)
+    net = fp32_where_bf16_conv_fails(instantiate(cfg.model)).to(device).train()
     forward = torch.compile(net) if cfg.speed.compile else net
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.precision, device) == torch.float16)
