@@ -1,6 +1,6 @@
 """Issue 29's acceptance runs: `python train.py precision=P trainer.max_epochs=2 seed=S` for each seed and
-precision, `--repeats` times each, one after the other; prints one row per run (exit status, whether the loss or
-the weights went non-finite, best val/dice).
+precision, `--repeats` times each, one after the other; prints one row per run (exit status, whether the
+loss or the weights went non-finite, best val/dice).
 
     python docs/benchmarks/bf16_cpu_nan/seeds.py WORK --seeds 0-19 --repeats 2 --precisions bf16 32
     python docs/benchmarks/bf16_cpu_nan/seeds.py WORK --precisions bf16 --repeats 1 --checkout OLD_TREE
