@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
 from lightning_seg.checkpoint_format import load_checkpoint
@@ -15,6 +14,7 @@ from lightning_seg.data.image_size import size_problem
 from lightning_seg.data.layout import image_files
 from lightning_seg.data.transforms import preprocessing
 from lightning_seg.errors import InputError
+from lightning_seg.model.module import whole_volume_logits
 from lightning_seg.precision import autocast, fast_inference_precision
 from lightning_seg.trust import build
 
@@ -24,14 +24,16 @@ SHARED_TASK_KEYS = ("labels", "in_channels", "orientation", "spacing", "normaliz
 
 
 class Predictor:
-    """Predicts whole volumes with a checkpoint of training or several (an ensemble averaging them)."""
+    """Predicts whole volumes with a checkpoint of training or several (an ensemble averaging them).
+    `overlap` None: the overlap the (first) checkpoint's run validated with, so that `evaluate` on the
+    run's validation cases reports its `val/dice`."""
 
     def __init__(
         self,
         ckpt_path: str | Path | Sequence[str | Path],
         device: str = "auto",
         precision: str | None = None,
-        overlap: float = 0.5,
+        overlap: float | None = None,
         sw_batch_size: int = 4,
         mirror: bool = False,
         stitch_on_cpu: bool | None = None,
@@ -66,7 +68,9 @@ class Predictor:
         if why:
             log.warning("%s", why)
         self.stitch_on_cpu, self.max_image_gib = stitch_on_cpu, max_image_gib
-        self.window = dict(sw_batch_size=sw_batch_size, overlap=overlap, sw_device=self.device)
+        if overlap is None:  # every checkpoint's run config has module.sw_overlap
+            overlap = config["module"]["sw_overlap"]
+        self.window = dict(overlap=overlap, sw_batch_size=sw_batch_size, sw_device=self.device)
         data = config.get("data", {}) if mirror else {}
         # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)
         dims = [axis + 2 for axis in data.get("flip_axes", range(3))] if data.get("augment") else []
@@ -96,9 +100,7 @@ class Predictor:
         passes = []
         for (net, patch), dims in itertools.product(self.nets, self.flip_sets):
             with autocast(self.precision, self.device):
-                logits = sliding_window_inference(
-                    x.flip(dims), patch, predictor=net, device=stitch_device, mode="gaussian", **self.window
-                )
+                logits = whole_volume_logits(net, x.flip(dims), patch, device=stitch_device, **self.window)
             probabilities = torch.softmax(logits.float(), dim=1).cpu()
             passes.append(probabilities.flip(dims) if dims else probabilities)
         probabilities = torch.stack(passes).mean(0)

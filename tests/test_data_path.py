@@ -182,3 +182,6 @@ def test_points_starting_together_write_the_synthetic_task_once_and_all_read_it_
         checked = list(pool.map(lambda _: instantiate(cfg.data).check(), range(3)))
     assert [len(cases) for cases in checked] == [6, 6, 6]
     assert sum("writing the synthetic task" in r.getMessage() for r in caplog.records) == 1
+    # a task of the user's own naming that folder (a planned task) reads it, lock file beside it or not
+    mine = compose_config(tmp_path, [*tiny_synthetic_overrides(), "task.synthetic=null"])
+    assert len(instantiate(mine.data).check()) == 6

@@ -120,10 +120,7 @@ class MSDDataModule(LightningDataModule):
 
     def check(self) -> list[dict]:
         """Write or download the task folder if missing, then check every case; return the cases."""
-        # written (or being written) by this project: wait for the writer, one of a sweep's points
-        lock = self.task_dir.parent / f".{self.task_dir.name}.lock"
-        if lock.is_file() or not (self.task_dir / "dataset.json").is_file():
-            self._create_task_folder(lock)
+        self._ensure_task_folder()
         cases = check_dataset(
             self.task_dir,
             self.task["labels"],
@@ -168,13 +165,17 @@ class MSDDataModule(LightningDataModule):
         log.info("training cases read from %s (%s); store %s", choice, reason, self.store.path)
         return self.data_source
 
-    def _create_task_folder(self, lock: Path) -> None:
-        task = self.task
+    def _ensure_task_folder(self) -> None:
+        """Write (synthetic) or download the task folder where the task says so, else require it."""
+        task, dataset_json = self.task, self.task_dir / "dataset.json"
         if task.get("synthetic") or task.get("download"):
-            # the sweep's points start together: one writes, the others wait and find it written
+            # a sweep's points start together: one writes, the others wait for it and find it written
+            lock = self.task_dir.parent / f".{self.task_dir.name}.lock"
+            if dataset_json.is_file() and not lock.is_file():
+                return  # written before, not by a process that may still be at it
             self.task_dir.parent.mkdir(parents=True, exist_ok=True)
             with exclusive(lock, self.task_dir):
-                if (self.task_dir / "dataset.json").is_file():
+                if dataset_json.is_file():
                     return
                 if task.get("synthetic"):
                     log.info("writing the synthetic task to %s", self.task_dir)
@@ -182,7 +183,7 @@ class MSDDataModule(LightningDataModule):
                 else:
                     log.info("downloading %s to %s", task["msd_folder"], self.task_dir.parent)
                     download_msd_task(self.task_dir, task["msd_folder"], task.get("url"), task.get("md5"))
-        else:
+        elif not dataset_json.is_file():
             url, _ = msd_source(task["msd_folder"], task.get("url"), task.get("md5"))
             found = "no dataset.json in this folder" if self.task_dir.is_dir() else "no such folder"
             raise DatasetError(

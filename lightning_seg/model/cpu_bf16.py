@@ -13,12 +13,12 @@ from torch import nn
 class PaddingSafeConv3d(nn.Conv3d):
     """Conv3d that runs in fp32 under CPU bf16 autocast where an input is smaller than the kernel."""
 
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         small = any(n < k for n, k in zip(input.shape[2:], self.kernel_size, strict=True))
         if small and input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
-                return super()._conv_forward(input.float(), weight, bias)
-        return super()._conv_forward(input, weight, bias)
+                return super().forward(input.float())
+        return super().forward(input)
 
 
 def fp32_where_bf16_conv_fails(net: nn.Module) -> nn.Module:

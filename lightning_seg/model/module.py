@@ -47,6 +47,22 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
     return None if any(compilers) else "no C++ compiler found for Inductor's CPU kernels"
 
 
+def whole_volume_logits(
+    net: nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float,
+    sw_batch_size: int,
+    **placement,
+) -> torch.Tensor:
+    """Gaussian-weighted sliding windows of the training patch over whole volumes: the one inference of
+    validation, `predict` and `evaluate` (`placement`: MONAI's `device`, `sw_device`), so that the same
+    overlap gives `evaluate` the Dice `val/dice` reported."""
+    return sliding_window_inference(
+        image, patch_size, sw_batch_size, net, overlap=overlap, mode="gaussian", **placement
+    )
+
+
 class SegmentationModule(LightningModule):
     """Train on random patches, validate on whole volumes: `train/loss`, `val/dice` (mean over the scored
     structures: foreground labels or the task's `regions`, as `evaluate` scores them), `val/dice_<structure>`.
@@ -134,13 +150,11 @@ class SegmentationModule(LightningModule):
         return loss
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits for whole volumes by Gaussian-weighted sliding windows of the training patch."""
+        """Logits for whole volumes (validation), as `predict` and `evaluate` compute them."""
         hp = self.hparams
         # its own autocast, inside the Trainer's: validation may run in another precision than training
         with autocast(self.inference_precision, image.device) if self.inference_precision else nullcontext():
-            return sliding_window_inference(
-                image, hp.patch_size, hp.sw_batch_size, self.net, overlap=hp.sw_overlap, mode="gaussian"
-            )
+            return whole_volume_logits(self.net, image, hp.patch_size, hp.sw_overlap, hp.sw_batch_size)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prediction = self.predict_volume(batch["image"]).argmax(1)
