@@ -68,8 +68,10 @@ class Predictor:
         if why:
             log.warning("%s", why)
         self.stitch_on_cpu, self.max_image_gib = stitch_on_cpu, max_image_gib
-        if overlap is None:  # every checkpoint's run config has module.sw_overlap
-            overlap = config["module"]["sw_overlap"]
+        if overlap is None:
+            overlap = config.get("module", {}).get("sw_overlap")
+            if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap < 1:
+                raise InputError(f"{paths[0]}: its module.sw_overlap is {overlap!r}; give overlap=0.5 or so")
         self.window = dict(overlap=overlap, sw_batch_size=sw_batch_size, sw_device=self.device)
         data = config.get("data", {}) if mirror else {}
         # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)

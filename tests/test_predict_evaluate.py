@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_seg.data.synthetic import synthetic_case, write_synthetic_msd
+from lightning_seg.errors import InputError
 from lightning_seg.inference import Predictor
 from lightning_seg.predict import predict_files
 from lightning_seg.scoring import score_case, score_files, summarize
@@ -231,3 +232,12 @@ def test_evaluate_on_the_validation_cases_reports_the_runs_val_dice(tmp_path):
     evaluated = json.loads((tmp_path / "evaluate" / "summary.json").read_text())
     assert evaluated["cases"] == validated["cases"] == 2
     assert evaluated["foreground_mean_dice"] == pytest.approx(validated["val/dice"], abs=1e-3)
+
+
+def test_a_checkpoint_without_a_usable_overlap_is_named_unless_one_is_given(tmp_path):
+    checkpoint = torch.load(ROOT / "tests" / "fixtures" / "synthetic_width4_v1.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["run_config"]["module"]["sw_overlap"] = "half"
+    torch.save(checkpoint, ckpt := tmp_path / "odd.ckpt")
+    with pytest.raises(InputError, match=r"odd\.ckpt: its module\.sw_overlap is 'half'; give overlap="):
+        Predictor(ckpt)
+    assert Predictor(ckpt, overlap=0.5).window["overlap"] == 0.5
