@@ -68,10 +68,7 @@ class Predictor:
         if why:
             log.warning("%s", why)
         self.stitch_on_cpu, self.max_image_gib = stitch_on_cpu, max_image_gib
-        if overlap is None:
-            overlap = config.get("module", {}).get("sw_overlap")
-            if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap < 1:
-                raise InputError(f"{paths[0]}: its module.sw_overlap is {overlap!r}; give overlap=0.5 or so")
+        overlap = validated_overlap(config, paths[0]) if overlap is None else overlap
         self.window = dict(overlap=overlap, sw_batch_size=sw_batch_size, sw_device=self.device)
         data = config.get("data", {}) if mirror else {}
         # mirror only along axes the network saw mirrored in training (hippocampus: left-right only)
@@ -109,3 +106,11 @@ class Predictor:
         data["probabilities"] = image.clone().set_array(probabilities[0])  # carries the preprocessing history
         probabilities = self.invert(data)["probabilities"].as_tensor()
         return probabilities.argmax(0).to(torch.uint8), probabilities
+
+
+def validated_overlap(config: dict, path: str | Path) -> float:
+    """The sliding-window overlap the checkpoint's run validated with (`module.sw_overlap`)."""
+    overlap = config.get("module", {}).get("sw_overlap")
+    if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap < 1:
+        raise InputError(f"{path}: its module.sw_overlap is {overlap!r}; give overlap=0.5 or so")
+    return float(overlap)
