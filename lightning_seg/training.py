@@ -61,14 +61,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_task(cfg)
     run = RunDir(cfg.paths.output_dir)
     resume = find_checkpoint(cfg.ckpt_path, run.path, named_by(cfg))
-    in_place = resume is not None and resume.in_place
+    in_place = resume if resume is not None and resume.in_place else None
     run.path.mkdir(parents=True, exist_ok=True)
-    precision_auto = None
-    if str(cfg.precision) == AUTO:  # measured once per node (the local rank 0 process); the others wait
-        saved = resume.run_config.get("precision_auto") if in_place else None
-        choose = get_method(cfg.auto_precision.choose)  # the study's probe, named by the config
-        precision_auto = prepare_once_per_node(lambda: choose(cfg, saved), run.path, name="precision-auto")
-        cfg.precision, cfg.inference_precision = (precision_auto[k] for k in ("train", "inference_precision"))
+    precision_auto = _choose_precision(cfg, in_place, run)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if precision_auto is not None:  # in the checkpoints and the model card
         resolved["precision_auto"] = precision_auto
@@ -77,7 +72,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # a resumed run draws new random patches instead of replaying those the run started with
     seed_everything(cfg.seed + (resume.global_step if resume else 0), workers=True)
     set_tf32(uses_tf32(cfg.precision))
+    module, datamodule = _build_model_and_data(cfg, run, resolved, saved_split)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    loggers = [_logger(c, run.path, in_place) for c in cfg.logger.values() if c]
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers)
+    datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
+    env = _record_environment(cfg, run, trainer, datamodule, precision_auto)
+    for logger in loggers:
+        logger.log_hyperparams({**resolved, "env": env})
+    _fit(cfg, run, trainer, module, datamodule, resume, env)
+    metrics = _final_metrics(trainer, callbacks, run)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
+
+def _choose_precision(cfg: DictConfig, in_place: Resume | None, run: RunDir) -> dict | None:
+    """precision=auto: the study's probe, measured once per node (the local rank 0 process; the others wait),
+    or the choice of the run resumed in place. It sets `cfg.precision` and `cfg.inference_precision`."""
+    if str(cfg.precision) != AUTO:
+        return None
+    saved = in_place.run_config.get("precision_auto") if in_place else None
+    choose = get_method(cfg.auto_precision.choose)  # the study's probe, named by the config
+    chosen = prepare_once_per_node(lambda: choose(cfg, saved), run.path, name="precision-auto")
+    cfg.precision, cfg.inference_precision = (chosen[k] for k in ("train", "inference_precision"))
+    return chosen
+
+
+def _build_model_and_data(cfg: DictConfig, run: RunDir, resolved: dict, saved_split: dict | None):
+    """The module, then the data module with every case checked (once per node) and the split assigned."""
     # the network first: a patch it cannot take fails in seconds, not after the dataset check
     module = instantiate(cfg.module)
     datamodule = instantiate(cfg.data, **({"split": saved_split} if saved_split is not None else {}))
@@ -86,11 +107,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.assign_split()  # the datasets are built in each process by Lightning's setup hook
     # set afterwards: passed to instantiate, its _target_ entries would be instantiated too
     module.hparams["run_config"] = resolved
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
-    loggers = [_logger(c, run.path, resume if in_place else None) for c in cfg.logger.values() if c]
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers)
+    return module, datamodule
 
-    datamodule.check_processes(trainer.world_size)  # before the Trainer starts its processes
+
+def _record_environment(cfg: DictConfig, run: RunDir, trainer: Trainer, datamodule, precision_auto) -> dict:
+    """What the run trains on and with, logged and (global rank 0) written to the run dir with the split."""
     env = environment_info()  # after the Trainer: Lightning sets cudnn.benchmark and determinism there
     env["batch"] = batch_sizes(datamodule.batch_size, trainer)
     env["data"] = datamodule.choose_cache(trainer.num_devices)  # where training reads its cases, and why
@@ -109,8 +130,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         run.diverged_json.unlink(missing_ok=True)  # a resume passes an old divergence or records it anew
         run.write_split(datamodule.state_dict()[SPLIT_KEY])  # the split every checkpoint holds too
         write_json(run.environment_json, env)
-    for logger in loggers:
-        logger.log_hyperparams({**resolved, "env": env})
+    return env
+
+
+def _fit(cfg: DictConfig, run: RunDir, trainer: Trainer, module, datamodule, resume, env: dict) -> None:
+    """`trainer.fit`: a SIGTERM exits 143 with how to continue, a divergence is recorded in the run dir, and
+    the environment record gets what the fit decided (compile, fused optimizer, automatic batch)."""
     try:
         with warnings.catch_warnings():
             for message in (LIGHTNING_OWN_DEPRECATION, *(RESUME_WARNINGS if resume is not None else ())):
@@ -133,16 +158,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.error("training stopped; run dir: %s", run.path)
         raise
     finally:
-        # what compile, the fused optimizer and an automatic batch became is known once fit has started
         env["fast_path"] = module.fast_path
         env["batch"] = batch_sizes(datamodule.batch_size, trainer)
         if trainer.is_global_zero:
             write_json(run.environment_json, env)
-        if any(isinstance(logger, WandbLogger) for logger in loggers):
+        if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
             import wandb
 
             wandb.finish()
 
+
+def _final_metrics(trainer: Trainer, callbacks: list, run: RunDir) -> dict[str, float]:
+    """The last logged metrics and the best validation Dice, written to the run dir."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     if checkpoint is not None and checkpoint.best_model_score is not None:
@@ -150,7 +177,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("best val/dice %.4f: %s", metrics["best/val_dice"], checkpoint.best_model_path)
     if trainer.is_global_zero:
         write_json(run.final_metrics_json, metrics)
-    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    return metrics
 
 
 def batch_sizes(per_device: int | str, trainer: Trainer) -> dict[str, int | str]:

@@ -58,3 +58,14 @@ def test_nothing_shipped_points_outside_the_repository():
         ]
     offending = [str(p.relative_to(ROOT)) for p in shipped if "shared/" in p.read_text(errors="ignore")]
     assert offending == []
+
+
+def test_no_function_of_the_package_is_longer_than_50_lines():
+    """A function that does one named thing fits a screen (issue 31); split it into named steps."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in (ROOT / "lightning_seg").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 50
+    ]
+    assert long == []

@@ -99,20 +99,8 @@ def check_case(
     image_path, image, image_data = channels[0]
     if label_data.ndim == 4 and label_data.shape[3] == 1:  # a trailing singleton axis, as some tools write
         label_data = label_data[..., 0]
-    if len(channels) == 1:  # MSD: one file, 3D or channels in dim 4
-        count = 1 if image_data.ndim == 3 else image_data.shape[3] if image_data.ndim == 4 else None
-        if count != in_channels:
-            shape = image_data.shape
-            return f"{image_path}: shape {shape}, expected 3D with {in_channels} channel(s) in dim 4"
-    elif len(channels) != in_channels:  # nnU-Net: one 3D file per channel, on one grid
-        return f"{image_path}: {len(channels)} channel files, the task config expects {in_channels}"
-    else:
-        for path, img, data in channels:
-            if data.ndim != 3:
-                return f"{path}: shape {data.shape}, a channel file must be 3D"
-            same_grid = np.allclose(img.affine, image.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
-            if data.shape != image_data.shape or not same_grid:
-                return f"{path}: shape or affine differs from channel 0's ({image_path})"
+    if problem := _channel_problem(channels, in_channels):
+        return problem
     if label_data.ndim != 3:
         return f"{label_path}: shape {label_data.shape}, a label map must be 3D"
     if image_data.shape[:3] != label_data.shape:
@@ -135,6 +123,26 @@ def check_case(
     bad = values[(values < 0) | (values >= num_labels)]
     if bad.size:
         return f"{label_path}: label values {bad[:5].tolist()} outside the task's 0..{num_labels - 1}"
+    return None
+
+
+def _channel_problem(channels: list[tuple], in_channels: int) -> str | None:
+    """What is wrong with a case's (path, image, data) channel files, or None."""
+    image_path, image, image_data = channels[0]
+    if len(channels) == 1:  # MSD: one file, 3D or channels in dim 4
+        count = 1 if image_data.ndim == 3 else image_data.shape[3] if image_data.ndim == 4 else None
+        if count != in_channels:
+            shape = image_data.shape
+            return f"{image_path}: shape {shape}, expected 3D with {in_channels} channel(s) in dim 4"
+        return None
+    if len(channels) != in_channels:  # nnU-Net: one 3D file per channel, on one grid
+        return f"{image_path}: {len(channels)} channel files, the task config expects {in_channels}"
+    for path, img, data in channels:
+        if data.ndim != 3:
+            return f"{path}: shape {data.shape}, a channel file must be 3D"
+        same_grid = np.allclose(img.affine, image.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
+        if data.shape != image_data.shape or not same_grid:
+            return f"{path}: shape or affine differs from channel 0's ({image_path})"
     return None
 
 

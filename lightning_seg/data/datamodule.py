@@ -33,6 +33,24 @@ SPLIT_KEY = "split"  # in the datamodule's state, which Lightning saves in every
 LOADERS = {"torch": DataLoader, "thread": ThreadDataLoader}
 
 
+def _checked_settings(batch_size: int | str, samples_per_volume: int, cache: str, loader: str) -> str:
+    """Refuse settings the data module cannot run with; return the cache to use (gpu without one: memory)."""
+    if batch_size != AUTO and batch_size % samples_per_volume:
+        raise ConfigError(
+            f"data.batch_size={batch_size} must be a multiple of data.samples_per_volume={samples_per_volume}"
+        )
+    for key, value, allowed in (("cache", cache, CACHES), ("loader", loader, LOADERS)):
+        if value not in allowed:
+            raise ConfigError(f"data.{key} must be one of {', '.join(allowed)}, got '{value}'")
+    if cache == "gpu" and not torch.cuda.is_available():
+        log.warning(
+            "data.cache=gpu needs a CUDA GPU and none is available: holding the preprocessed training "
+            "cases in CPU memory instead (data.cache=memory)"
+        )
+        return "memory"
+    return cache
+
+
 class MSDDataModule(LightningDataModule):
     """Train/validation/test split of a task folder, read as random patches from its preprocessed store.
 
@@ -76,20 +94,7 @@ class MSDDataModule(LightningDataModule):
         allow_outside_paths: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size != AUTO and batch_size % samples_per_volume:
-            raise ConfigError(
-                f"data.batch_size={batch_size} must be a multiple of "
-                f"data.samples_per_volume={samples_per_volume}"
-            )
-        for key, value, allowed in (("cache", cache, CACHES), ("loader", loader, LOADERS)):
-            if value not in allowed:
-                raise ConfigError(f"data.{key} must be one of {', '.join(allowed)}, got '{value}'")
-        if cache == "gpu" and not torch.cuda.is_available():
-            log.warning(
-                "data.cache=gpu needs a CUDA GPU and none is available: holding the preprocessed training "
-                "cases in CPU memory instead (data.cache=memory)"
-            )
-            cache = "memory"
+        cache = _checked_settings(batch_size, samples_per_volume, cache, loader)
         self.task_dir, self.cache_dir = Path(task_dir), cache_dir
         self.task = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else dict(task)
         self.batch_size, self.samples_per_volume = batch_size, samples_per_volume

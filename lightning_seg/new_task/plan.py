@@ -35,6 +35,7 @@ AXES = ("LR", "PA", "IS")  # RAS: the axes training resamples in
 SAMPLES_PER_VOLUME, VAL_FRACTION = 2, 0.2  # the data settings the plan assumes (conf/data/msd.yaml's)
 Decision = namedtuple("Decision", "key value why")  # a planned value and the numbers behind it
 Target = namedtuple("Target", "name capacity_gib precision")  # a card's GiB and a precision; a CPU: GiB None
+Sizing = namedtuple("Sizing", "model downsamplings net patch why_patch batch why_batch")
 
 
 def plan_task(name, folder, fingerprint: dict, labels, regions, channels, target: Target):
@@ -48,14 +49,8 @@ def plan_task(name, folder, fingerprint: dict, labels, regions, channels, target
     cases = fingerprint["cases"]
     n = len(cases)
     spacing = decide("task.spacing", *target_spacing(fingerprint))
-    low, high = np.array(fingerprint["spacing_min"]), np.array(fingerprint["spacing_max"])
-    if (high / low).max() > SPREAD_NOTE:
-        axis = int((high / low).argmax())
-        decide(
-            "(spacing spread)",
-            f"axis {axis}: {low[axis]:.3g}-{high[axis]:.3g} mm",
-            f"{high[axis] / low[axis]:.1f}x between cases; every case is resampled to {spacing[axis]:.4g} mm",
-        )
+    if spread := spacing_spread(fingerprint, spacing):
+        decisions.append(spread)
     norm, why_norm, crop, why_crop = normalization(fingerprint, channels)
     decide("task.normalization", norm, why_norm)
     decide("task.crop_foreground", crop, why_crop)
@@ -71,51 +66,82 @@ def plan_task(name, folder, fingerprint: dict, labels, regions, channels, target
     # spacing in float32: 0.8 mm reads 0.80000001)
     sizes = [np.rint(np.multiply(c[shape_key], c["spacing"]) / spacing) for c in cases]
     median = np.median(sizes, axis=0).tolist()
+    # the training cases, each giving SAMPLES_PER_VOLUME patches a step (the datamodule's rule)
     n_train = 1 if n == 1 else n - max(1, round(VAL_FRACTION * n))
-    feed = n_train * SAMPLES_PER_VOLUME  # patches per step the training cases can give (datamodule rule)
     modality = "CT" if "ct" in [c.casefold() for c in channels] else "+".join(channels)
     task = dict(name=name, msd_folder=folder, modality=modality, in_channels=len(channels), labels=labels)
     task.update(regions=regions, normalization=norm, spacing=spacing, crop_foreground=crop)
-    if target.capacity_gib is None:
-        model, downsamplings, net = CPU_MODEL, CPU_DOWNSAMPLINGS, "MONAI's UNet: fastest to Dice on a CPU"
-        scale = min(1.0, (CPU_PATCH_VOXELS / math.prod(median)) ** (1 / 3))
-        patch = padded_patch([m * scale for m in median], downsamplings, spacing)
-        scaled = f", scaled by {scale:.2f} to the CPU's {CPU_PATCH_VOXELS} voxels" if scale < 1 else ""
-        why_patch = (
-            f"the median image at target spacing, {fmt(median)} voxels{scaled}, padded to its down-samplings"
-        )
-        by_voxels = max(2, min(CPU_MAX_BATCH, CPU_STEP_VOXELS // math.prod(patch)))
-        batch = even(min(by_voxels, feed))
-        why_batch = (
-            f"{by_voxels} patches make the CPU's {CPU_STEP_VOXELS}-voxel step (at most {CPU_MAX_BATCH}); "
-            f"the {n_train} training cases feed {feed}"
-        )
-    else:
-        model, downsamplings, net = GPU_MODEL, GPU_DOWNSAMPLINGS, "nnU-Net's plain U-Net"
-        cfg = planning_config(task, model, target.precision)
-        budget = card_budget(target.capacity_gib)
-        patch, why_patch = gpu_patch(cfg, median, spacing, budget, target)
-        fits, _ = largest_batch(cfg, int(budget / (1 - MARGIN)), MARGIN, target.precision, patch)
-        share = round(BATCH_SHARE * n * math.prod(median) / math.prod(patch))
-        batch = even(max(2, min(fits, feed, share)))
-        why_batch = (
-            f"{fits} fit {target.name} in {label(target.precision)} at this patch; the {n_train} training "
-            f"cases feed {feed}; {share} hold 5% of the dataset's voxels (nnU-Net's cap); 2 at least"
-        )
+    sized = (
+        cpu_sizing(median, spacing, n_train)
+        if target.capacity_gib is None
+        else gpu_sizing(task, median, spacing, n, n_train, target)
+    )
+    model, downsamplings, net, patch, why_patch, batch, why_batch = sized
     decide("data.flip_axes", *mirror_axes(cases))
     task["patch_size"] = decide("task.patch_size", patch, why_patch)
     strides = [list(s) for s in plan_topology(patch, downsamplings, spacing).strides]
     why_model = f"{len(strides)} down-samplings, strides {strides}: planned from the spacing ({net})"
     decide("model", model, why_model)
     decide("data.batch_size", batch, why_batch)
-    steps = max(1, math.ceil(n_train / (batch // SAMPLES_PER_VOLUME)))
-    every = max(1, round(VAL_EVERY_STEPS / steps))
-    why = f"an epoch is {steps} steps: validation about every {VAL_EVERY_STEPS} steps"
-    task["val_every_n_epochs"] = decide("task.val_every_n_epochs", every, why)
+    task["val_every_n_epochs"] = decide("task.val_every_n_epochs", *validation_interval(n_train, batch))
     task["dice_thresholds"] = decide("task.dice_thresholds", DICE_THRESHOLDS, "defaults: edit them")
     if n == 1:
         decide("(split)", "1 case", "it trains and validates on that case: add cases")
     return task, decisions
+
+
+def spacing_spread(fingerprint: dict, spacing: list[float]) -> Decision | None:
+    """A note where the cases' spacing varies more than SPREAD_NOTE times along an axis."""
+    low, high = np.array(fingerprint["spacing_min"]), np.array(fingerprint["spacing_max"])
+    if (high / low).max() <= SPREAD_NOTE:
+        return None
+    axis = int((high / low).argmax())
+    return Decision(
+        "(spacing spread)",
+        f"axis {axis}: {low[axis]:.3g}-{high[axis]:.3g} mm",
+        f"{high[axis] / low[axis]:.1f}x between cases; every case is resampled to {spacing[axis]:.4g} mm",
+    )
+
+
+def validation_interval(n_train: int, batch: int) -> tuple[int, str]:
+    """Whole epochs between validations: about every VAL_EVERY_STEPS training steps."""
+    steps = max(1, math.ceil(n_train / (batch // SAMPLES_PER_VOLUME)))
+    why = f"an epoch is {steps} steps: validation about every {VAL_EVERY_STEPS} steps"
+    return max(1, round(VAL_EVERY_STEPS / steps)), why
+
+
+def cpu_sizing(median: list[float], spacing: list[float], n_train: int) -> Sizing:
+    """MONAI's UNet, the median image scaled to the CPU's patch voxels, the batch that makes a CPU step."""
+    scale = min(1.0, (CPU_PATCH_VOXELS / math.prod(median)) ** (1 / 3))
+    patch = padded_patch([m * scale for m in median], CPU_DOWNSAMPLINGS, spacing)
+    scaled = f", scaled by {scale:.2f} to the CPU's {CPU_PATCH_VOXELS} voxels" if scale < 1 else ""
+    why_patch = (
+        f"the median image at target spacing, {fmt(median)} voxels{scaled}, padded to its down-samplings"
+    )
+    feed = n_train * SAMPLES_PER_VOLUME
+    by_voxels = max(2, min(CPU_MAX_BATCH, CPU_STEP_VOXELS // math.prod(patch)))
+    why_batch = (
+        f"{by_voxels} patches make the CPU's {CPU_STEP_VOXELS}-voxel step (at most {CPU_MAX_BATCH}); "
+        f"the {n_train} training cases feed {feed}"
+    )
+    net = "MONAI's UNet: fastest to Dice on a CPU"
+    return Sizing(CPU_MODEL, CPU_DOWNSAMPLINGS, net, patch, why_patch, even(min(by_voxels, feed)), why_batch)
+
+
+def gpu_sizing(task: dict, median: list[float], spacing: list[float], n: int, n_train: int, target) -> Sizing:
+    """nnU-Net's plain U-Net, patch and batch sized by the memory planner for the card and precision."""
+    cfg = planning_config(task, GPU_MODEL, target.precision)
+    budget = card_budget(target.capacity_gib)
+    patch, why_patch = gpu_patch(cfg, median, spacing, budget, target)
+    fits, _ = largest_batch(cfg, int(budget / (1 - MARGIN)), MARGIN, target.precision, patch)
+    feed = n_train * SAMPLES_PER_VOLUME
+    share = round(BATCH_SHARE * n * math.prod(median) / math.prod(patch))
+    why_batch = (
+        f"{fits} fit {target.name} in {label(target.precision)} at this patch; the {n_train} training "
+        f"cases feed {feed}; {share} hold 5% of the dataset's voxels (nnU-Net's cap); 2 at least"
+    )
+    batch = even(max(2, min(fits, feed, share)))
+    return Sizing(GPU_MODEL, GPU_DOWNSAMPLINGS, "nnU-Net's plain U-Net", patch, why_patch, batch, why_batch)
 
 
 def target_spacing(fingerprint: dict) -> tuple[list[float], str]:

@@ -11,6 +11,7 @@ W&B workspace over the sweep's W&B group (needs `wandb login` and the runs synce
 
 import html
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,14 +92,6 @@ def write_page(sweep_dir: Path, out: Path | None = None) -> Path:
             return f"<p><em>{html.escape(missing)}</em></p>"
         return f'<img src="{html.escape(os.path.relpath(path, out))}" style="max-width:100%">'
 
-    overlays = []
-    for run, name in zip(runs, names, strict=True):
-        # the overlay PNGs of the run's last validation (file names start with epoch and step)
-        pictures = sorted(RunDir(run.path).val_images.glob("epoch*-step*-*.png"))
-        last = pictures[-1].name.split("-")[:2] if pictures else None
-        latest = [p for p in pictures if p.name.split("-")[:2] == last] or [None]  # None: says there are none
-        overlays.append(f"<h3>{html.escape(name)}</h3>")
-        overlays.extend(image(p, "no val_images/ (callbacks.val_images off)") for p in latest)
     body = [
         '<!doctype html>\n<html><head><meta charset="utf-8"><title>lightning_seg sweep</title></head>',
         "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>",
@@ -127,12 +120,34 @@ def write_page(sweep_dir: Path, out: Path | None = None) -> Path:
             plot_loss_scale(runs, logs, names, out), "no loss scale: only fp16 with a grad scaler logs one"
         ),
         "<h2>Segmentations (latest validation)</h2>",
-        *overlays,
+        *overlays(runs, names, image),
         "</body></html>\n",
     ]
     page = out / "index.html"
     page.write_text("\n".join(body))
     return page
+
+
+def overlays(runs: list[Run], names: list[str], image: Callable[[Path | None, str], str]) -> list[str]:
+    """Each run's name and the overlay PNGs of its last validation (file names start with epoch and step)."""
+    parts = []
+    for run, name in zip(runs, names, strict=True):
+        pictures = sorted(RunDir(run.path).val_images.glob("epoch*-step*-*.png"))
+        last = pictures[-1].name.split("-")[:2] if pictures else None
+        latest = [p for p in pictures if p.name.split("-")[:2] == last] or [None]  # None: says there are none
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        parts.extend(image(p, "no val_images/ (callbacks.val_images off)") for p in latest)
+    return parts
+
+
+def time_to_accuracy_markdown(runs: list[Run]) -> str:
+    """The time-to-accuracy and equal-accuracy tables, for a W&B markdown panel."""
+    accuracy, answer = report.equal_accuracy(runs)
+    return (
+        f"### Time to accuracy (training s)\n\n"
+        f"{report.summary_table(runs).to_markdown(index=False, floatfmt='.3g')}\n\n"
+        f"### Equal accuracy? {answer}\n\n{accuracy.to_markdown(index=False, floatfmt='.4f')}"
+    )
 
 
 def workspace(sweep_dir: Path, entity: str):
@@ -145,12 +160,6 @@ def workspace(sweep_dir: Path, entity: str):
     if (config := runs[0].wandb) is None:
         raise SystemExit(f"the runs below {sweep_dir} did not log to W&B (train with logger=wandb)")
     group = config["group"]
-    accuracy, answer = report.equal_accuracy(runs)
-    tables = (
-        f"### Time to accuracy (training s)\n\n"
-        f"{report.summary_table(runs).to_markdown(index=False, floatfmt='.3g')}\n\n"
-        f"### Equal accuracy? {answer}\n\n{accuracy.to_markdown(index=False, floatfmt='.4f')}"
-    )
     thresholds = [f"time_to_dice/{t:g}/train_s" for t in runs[0].thresholds]
     dice = wr.LinePlot(
         title="val/dice by precision",
@@ -174,7 +183,7 @@ def workspace(sweep_dir: Path, entity: str):
                 name="Time to accuracy",
                 is_open=True,
                 panels=[
-                    wr.MarkdownPanel(markdown=tables),
+                    wr.MarkdownPanel(markdown=time_to_accuracy_markdown(runs)),
                     wr.BarPlot(title="training s to each Dice threshold", metrics=thresholds),
                     wr.BarPlot(title="best val/dice", metrics=["best/val_dice"]),
                 ],
