@@ -66,15 +66,15 @@ def plan_task(name, folder, fingerprint: dict, labels, regions, channels, target
     # spacing in float32: 0.8 mm reads 0.80000001)
     sizes = [np.rint(np.multiply(c[shape_key], c["spacing"]) / spacing) for c in cases]
     median = np.median(sizes, axis=0).tolist()
-    # the training cases, each giving SAMPLES_PER_VOLUME patches a step (the datamodule's rule)
     n_train = 1 if n == 1 else n - max(1, round(VAL_FRACTION * n))
+    feed = n_train * SAMPLES_PER_VOLUME  # patches a step the training cases give (the datamodule's rule)
     modality = "CT" if "ct" in [c.casefold() for c in channels] else "+".join(channels)
     task = dict(name=name, msd_folder=folder, modality=modality, in_channels=len(channels), labels=labels)
     task.update(regions=regions, normalization=norm, spacing=spacing, crop_foreground=crop)
     sized = (
-        cpu_sizing(median, spacing, n_train)
+        cpu_sizing(median, spacing, n_train, feed)
         if target.capacity_gib is None
-        else gpu_sizing(task, median, spacing, n, n_train, target)
+        else gpu_sizing(task, median, spacing, n, n_train, feed, target)
     )
     model, downsamplings, net, patch, why_patch, batch, why_batch = sized
     decide("data.flip_axes", *mirror_axes(cases))
@@ -110,7 +110,7 @@ def validation_interval(n_train: int, batch: int) -> tuple[int, str]:
     return max(1, round(VAL_EVERY_STEPS / steps)), why
 
 
-def cpu_sizing(median: list[float], spacing: list[float], n_train: int) -> Sizing:
+def cpu_sizing(median: list[float], spacing: list[float], n_train: int, feed: int) -> Sizing:
     """MONAI's UNet, the median image scaled to the CPU's patch voxels, the batch that makes a CPU step."""
     scale = min(1.0, (CPU_PATCH_VOXELS / math.prod(median)) ** (1 / 3))
     patch = padded_patch([m * scale for m in median], CPU_DOWNSAMPLINGS, spacing)
@@ -118,7 +118,6 @@ def cpu_sizing(median: list[float], spacing: list[float], n_train: int) -> Sizin
     why_patch = (
         f"the median image at target spacing, {fmt(median)} voxels{scaled}, padded to its down-samplings"
     )
-    feed = n_train * SAMPLES_PER_VOLUME
     by_voxels = max(2, min(CPU_MAX_BATCH, CPU_STEP_VOXELS // math.prod(patch)))
     why_batch = (
         f"{by_voxels} patches make the CPU's {CPU_STEP_VOXELS}-voxel step (at most {CPU_MAX_BATCH}); "
@@ -128,13 +127,12 @@ def cpu_sizing(median: list[float], spacing: list[float], n_train: int) -> Sizin
     return Sizing(CPU_MODEL, CPU_DOWNSAMPLINGS, net, patch, why_patch, even(min(by_voxels, feed)), why_batch)
 
 
-def gpu_sizing(task: dict, median: list[float], spacing: list[float], n: int, n_train: int, target) -> Sizing:
+def gpu_sizing(task: dict, median: list, spacing: list, n: int, n_train: int, feed: int, target) -> Sizing:
     """nnU-Net's plain U-Net, patch and batch sized by the memory planner for the card and precision."""
     cfg = planning_config(task, GPU_MODEL, target.precision)
     budget = card_budget(target.capacity_gib)
     patch, why_patch = gpu_patch(cfg, median, spacing, budget, target)
     fits, _ = largest_batch(cfg, int(budget / (1 - MARGIN)), MARGIN, target.precision, patch)
-    feed = n_train * SAMPLES_PER_VOLUME
     share = round(BATCH_SHARE * n * math.prod(median) / math.prod(patch))
     why_batch = (
         f"{fits} fit {target.name} in {label(target.precision)} at this patch; the {n_train} training "
