@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning_fabric.utilities.types import _PATH
+from fsspec.utils import get_protocol
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lightning_seg.run_dir import open_atomic
@@ -16,10 +15,16 @@ from lightning_seg.run_dir import open_atomic
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`torch.save` beside the checkpoint, `fsync`, `os.replace`: a kill leaves the old or the new one, whole.
     Lightning's own save stages the bytes in the system temp folder and moves them: a copy, not atomic, from
-    another filesystem (node-local /tmp, a shared run dir). Remote paths (s3://...) keep Lightning's save."""
+    another filesystem (node-local /tmp, a shared run dir). Remote paths (s3://...) keep Lightning's save.
+    With `hold_removals` (set by `ResumableCheckpoint`), removals wait for `release_removals`."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_removals = False
+        self.held: list[str] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None):
+        if storage_options is not None or get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         with open_atomic(path, "wb") as file:
@@ -33,3 +38,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(folder)
             finally:
                 os.close(folder)
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        if self.hold_removals:
+            self.held.append(str(path))
+        else:
+            super().remove_checkpoint(path)
+
+    def release_removals(self, keep: set[str]) -> None:
+        """Remove the held checkpoints but those in `keep` (named again since)."""
+        held, self.held = self.held, []
+        for path in held:
+            if path not in keep:
+                super().remove_checkpoint(path)

@@ -7,6 +7,8 @@ import monai
 import pytorch_lightning as pl
 import torch
 
+from lightning_seg.precision import cpu_has_native_bf16
+
 
 def environment_info() -> dict:
     cuda = torch.cuda.is_available()
@@ -27,7 +29,7 @@ def environment_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         # AVX2 / AVX512 / ...; native bf16 decides whether bf16 autocast is fast or a slow fallback here
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cpu_native_bf16": cpu_has_native_bf16(),
     }
 
 

@@ -69,7 +69,8 @@ def autocast_dtype(choice, device: torch.device) -> torch.dtype | None:
 
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16, AMX). Without them bf16 3D convolutions
-    fall back to a generic kernel that is 10-40x slower than fp32 (issue 22: 43x for one Conv3d)."""
+    fall back to a generic kernel that is 10-40x slower than fp32 (issue 22: 43x for one Conv3d).
+    torch has no public query for it (2.10 to 2.14 checked); this private one has kept its name since 1.x."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -397,6 +397,28 @@ def test_last_checkpoint_is_written_at_every_validation_and_every_interval(tmp_p
     assert checkpoint.best_model_path.endswith("epoch=0-step=4.ckpt")  # timed saves leave the top k alone
 
 
+class _AlwaysBetter(BoringModel):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/x", float(self.current_epoch))  # mode=max: every validation is a new best
+
+
+def test_a_replaced_best_is_removed_only_after_last_checkpoint_names_its_successor(tmp_path):
+    trainer = _boring_trainer(tmp_path, _checkpoint(tmp_path, None))
+    folder, seen = tmp_path / "checkpoints", []
+    save = trainer.save_checkpoint
+
+    def spy(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        seen.append((Path(path).name, sorted(p.name for p in folder.iterdir())))
+
+    trainer.save_checkpoint = spy
+    trainer.fit(_AlwaysBetter())
+    best = ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "epoch=2-step=12.ckpt"]
+    assert seen[2] == ("epoch=1-step=8.ckpt", [best[0], best[1], "last.ckpt"])  # the old best is kept...
+    assert seen[3] == ("last.ckpt", [best[0], best[1], "last.ckpt"])  # ...until last.ckpt is written
+    assert sorted(p.name for p in folder.iterdir()) == [best[2], "last.ckpt"]  # then it goes
+
+
 # a bare Trainer resuming in its own dir: the warning train() filters around a resume in place
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_a_resume_in_place_removes_checkpoints_its_state_does_not_know(tmp_path):

@@ -1,5 +1,6 @@
 """LightningModule: a 3D segmentation network, soft Dice loss, sliding-window validation."""
 
+import importlib.util
 import inspect
 import logging
 import shutil
@@ -29,20 +30,20 @@ def grad_scaler(trainer: Trainer | None) -> torch.amp.GradScaler | None:
 
 
 def loss_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | float:
-    """A copy of the device scale (no GPU wait; `update()` changes it in place), or the initial float."""
+    """A copy of the device scale (no GPU wait; `update()` changes it in place), or the initial float.
+    The public `get_scale()` waits for the GPU at every step; `_get_scale_async` has no public twin."""
     scale = scaler._get_scale_async()
     return scaler.get_scale() if scale is None else scale.detach().clone()
 
 
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile cannot run here, checked up front so that an unusable compiler means eager."""
-    import torch._dynamo
-    from torch.utils._triton import has_triton
+    import torch._dynamo  # no public twin of is_dynamo_supported (Python and platform checks)
 
     if not torch._dynamo.is_dynamo_supported():
         return "TorchDynamo does not support this Python or platform"
     if device.type == "cuda":
-        return None if has_triton() else "Triton is not installed (pip install triton)"
+        return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
     compilers = (shutil.which(cxx) for cxx in ("c++", "g++", "clang++"))
     return None if any(compilers) else "no C++ compiler found for Inductor's CPU kernels"
 
@@ -184,7 +185,7 @@ class SegmentationModule(LightningModule):
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step; under fp16 AMP it also records whether the grad scaler skipped the update."""
-        scaler = grad_scaler(self._trainer)
+        scaler = grad_scaler(self.trainer)
         before = loss_scale(scaler) if scaler is not None else None
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if scaler is not None:
@@ -204,7 +205,11 @@ class SegmentationModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # resume and load_from_checkpoint: before the state dict is loaded, so a migration applies
-        upgrade(checkpoint, getattr(self._trainer, "ckpt_path", None) or "checkpoint")
+        try:
+            source = self.trainer.ckpt_path
+        except RuntimeError:  # load_from_checkpoint: no Trainer
+            source = None
+        upgrade(checkpoint, source or "checkpoint")
 
     def build_optimizer(
         self, device: torch.device, clip: float | None, precision: str
