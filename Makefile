@@ -8,8 +8,9 @@ DATA_DIR ?=
 REPORT_DIR ?=
 DRY ?=
 WHEELS ?= wheels
+LOWEST ?= .venv-lowest
 
-.PHONY: help setup train test test-all lint format bench-overhead gpu-check gpu-wheels
+.PHONY: help setup train test test-all test-lowest lint format bench-overhead gpu-check gpu-wheels
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,6 +34,16 @@ test: setup ## run the test suite (the tests that train on real MSD cases skip w
 
 test-all: setup ## run every test, slow ones included
 	$(BIN)/python -m pytest $(ARGS)
+
+# the floors come from pyproject.toml (.ci/floors.py); PyPI's torch for Linux is a CUDA build (about 3 GB
+# of downloads), run here on the CPU. LIGHTNING_SEG_FLOORS: tests/test_package.py checks what was installed
+test-lowest: ## run the tests at the lowest torch, Lightning, MONAI, Hydra, torchmetrics pyproject.toml admits
+	$(PYTHON) -m venv $(LOWEST)
+	$(PYTHON) .ci/floors.py > $(LOWEST)/floors.txt
+	$(LOWEST)/bin/pip install --upgrade pip
+	$(LOWEST)/bin/pip install -c $(LOWEST)/floors.txt torch
+	$(LOWEST)/bin/pip install -c $(LOWEST)/floors.txt -e ".[dev]"
+	LIGHTNING_SEG_FLOORS=$(LOWEST)/floors.txt $(LOWEST)/bin/python -m pytest -m "not slow" $(ARGS)
 
 lint: setup ## ruff lint and format check
 	$(BIN)/ruff check .

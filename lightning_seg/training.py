@@ -100,13 +100,12 @@ def _choose_precision(cfg: DictConfig, in_place: Resume | None, run: RunDir) -> 
 def _build_model_and_data(cfg: DictConfig, run: RunDir, resolved: dict, saved_split: dict | None):
     """The module, then the data module with every case checked (once per node) and the split assigned."""
     # the network first: a patch it cannot take fails in seconds, not after the dataset check
-    module = instantiate(cfg.module)
+    # run_config given to the constructor, not to instantiate, which would build its _target_ entries too
+    module = instantiate(cfg.module, _partial_=True)(run_config=resolved)
     datamodule = instantiate(cfg.data, **({"split": saved_split} if saved_split is not None else {}))
     # every case checked, once per node: a broken dataset fails here, before anything is written
     prepare_once_per_node(datamodule.prepare_data, run.path)
     datamodule.assign_split()  # the datasets are built in each process by Lightning's setup hook
-    # set afterwards: passed to instantiate, its _target_ entries would be instantiated too
-    module.hparams["run_config"] = resolved
     return module, datamodule
 
 

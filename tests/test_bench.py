@@ -157,7 +157,15 @@ def test_loader_mode_times_the_real_loader_against_synthetic_input(tmp_path, syn
 
 def test_gpu_check_dry_run_writes_its_report_on_a_cpu(tmp_path):
     done = subprocess.run(
-        ["make", "gpu-check", "DRY=1", f"REPORT_DIR={tmp_path}", f"DATA_DIR={tmp_path / 'none'}"],
+        # VENV: this test's Python, also when the suite runs in another venv (make test-lowest)
+        [
+            "make",
+            "gpu-check",
+            "DRY=1",
+            f"VENV={sys.prefix}",
+            f"REPORT_DIR={tmp_path}",
+            f"DATA_DIR={tmp_path / 'none'}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

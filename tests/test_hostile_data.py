@@ -3,6 +3,7 @@ voxels, 30 GiB of zeros in about 30 MB) is refused from its header by the datase
 lightning-seg-new-task, in seconds and under 1 GiB; a dataset.json path leaving the task folder is refused
 unless the user allows it."""
 
+import functools
 import json
 import shutil
 import subprocess
@@ -79,12 +80,15 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_measured(*command: str) -> tuple[subprocess.CompletedProcess, float, float]:
-    """`python -m <command>` from the repo root: (result, seconds, its peak resident memory in GiB)."""
+Measured = tuple[subprocess.CompletedProcess, float, float]
+
+
+def run_measured(*command: str, python_option: str = "-m") -> Measured:
+    """`python -m <command>` (or `-c`) from the repo root: (result, seconds, its peak resident GiB)."""
     with tempfile.NamedTemporaryFile("r") as peak_kib:
         start = time.perf_counter()
         result = subprocess.run(
-            [sys.executable, "-c", PEAK_LAUNCHER, peak_kib.name, sys.executable, "-m", *command],
+            [sys.executable, "-c", PEAK_LAUNCHER, peak_kib.name, sys.executable, python_option, *command],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -95,11 +99,20 @@ def run_measured(*command: str) -> tuple[subprocess.CompletedProcess, float, flo
     return subprocess.CompletedProcess(command, result.returncode, result.stdout, ""), seconds, peak_gib
 
 
+@functools.cache
+def peak_bar_gib() -> float:
+    """1 GiB, plus what importing this torch holds beyond a CPU build's 0.25 GiB: a CUDA build maps its
+    libraries at import (0.60 GiB for torch 2.10+cu128 in `make test-lowest`, 0.21 for 2.13+cpu), whatever
+    the command does after. On the CPU build the project installs, the bar is 1 GiB."""
+    _, _, torch_gib = run_measured("import torch", python_option="-c")
+    return 1.0 + max(0.0, torch_gib - 0.25)
+
+
 def assert_bomb_refused(result, seconds, peak_gib, bomb: Path) -> None:
     output = assert_clean_error(
         result, str(bomb.name), "8,000,000,000 voxels", "29.8 GiB", f"{MAX_IMAGE_GIB:g} GiB"
     )
-    assert peak_gib < 1.0, f"peak {peak_gib:.2f} GiB\n{output}"
+    assert peak_gib < peak_bar_gib(), f"peak {peak_gib:.2f} GiB (bar {peak_bar_gib():.2f})\n{output}"
     # a few seconds of imports (torch, MONAI) on a loaded 2-core machine; decompressing would take minutes
     assert seconds < 30, f"{seconds:.1f} s\n{output}"
 

@@ -2,6 +2,7 @@
 the planner, and nothing the project ships points outside the repository."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,60 @@ def test_no_function_of_the_package_is_longer_than_50_lines():
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 50
     ]
     assert long == []
+
+
+LIGHTNING = ("pytorch_lightning", "lightning_fabric", "lightning")
+# objects of Lightning's whose underscored members are its internals, not ours
+LIGHTNING_OBJECTS = {"trainer", "pl_module", "strategy", "fit", "fit_loop", "epoch_loop", "checkpoint_io"}
+
+
+def _private(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+
+
+def inherited_privates(cls: ast.ClassDef) -> list[ast.Attribute]:
+    """`self._x` in a subclass where the class itself neither defines nor assigns `_x`: its base's."""
+    if not cls.bases:
+        return []
+    own = {n.name for n in cls.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    own |= {
+        t.id
+        for n in cls.body
+        if isinstance(n, ast.AnnAssign | ast.Assign)
+        for t in ast.walk(n)
+        if isinstance(t, ast.Name)
+    }
+    selfs = [n for n in ast.walk(cls) if _private(n) and getattr(n.value, "id", None) == "self"]
+    own |= {n.attr for n in selfs if isinstance(n.ctx, ast.Store)}
+    return [n for n in selfs if n.attr not in own]
+
+
+def lightning_private_uses(path: Path) -> list[str]:
+    """Lightning internals a file uses: underscored names imported from it, reached on its objects, called on
+    `super()` or inherited by a subclass, and profiler actions naming its private loops."""
+    tree, found = ast.parse(path.read_text()), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(LIGHTNING):
+            found += [f"import {a.name}" for a in node.names if a.name.startswith("_")]
+        elif _private(node):
+            owner = node.value
+            on_super = isinstance(owner, ast.Call) and getattr(owner.func, "id", None) == "super"
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", None)
+            if on_super or name in LIGHTNING_OBJECTS:
+                found.append(f"{ast.unparse(node)} (line {node.lineno})")
+        elif isinstance(node, ast.ClassDef):
+            found += [f"{ast.unparse(n)} (line {n.lineno})" for n in inherited_privates(node)]
+        elif isinstance(node, ast.Constant) and re.search(r"\[_[A-Z]\w*\]", str(node.value)):
+            found.append(f"{node.value!r} (line {node.lineno})")  # a profiler action naming a private loop
+    return found
+
+
+def test_lightning_internals_are_used_at_most_twice_each_said_why():
+    """Lightning's private members break forks at a minor release (issue 31): public APIs, else at most two
+    internals, each with a comment that says why and which versions were checked."""
+    uses = {
+        str(p.relative_to(ROOT)): found for p in PACKAGE.rglob("*.py") if (found := lightning_private_uses(p))
+    }
+    assert sum(map(len, uses.values())) <= 2, uses
+    for path in uses:
+        assert "checked" in (ROOT / path).read_text(), f"{path}: say which Lightning versions were checked"

@@ -1,5 +1,6 @@
 """The wheel a user installs: it holds conf/ and runs every console script outside the checkout."""
 
+import importlib.metadata
 import json
 import os
 import site
@@ -7,6 +8,9 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import pytest
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
@@ -84,3 +88,12 @@ def test_wheel_installs_and_runs_from_an_empty_directory(tmp_path):
     ]
     run([str(bin_dir / "lightning-seg-bench"), *bench, "hydra.run.dir=bench"], work)
     assert json.loads((work / "bench" / "bench.json").read_text())
+
+
+@pytest.mark.skipif("LIGHTNING_SEG_FLOORS" not in os.environ, reason="only in `make test-lowest`")
+def test_the_lowest_versions_run_has_the_floors_installed():
+    """`make test-lowest` tests what it says: each package at the floor pyproject.toml gives it."""
+    for line in Path(os.environ["LIGHTNING_SEG_FLOORS"]).read_text().split():
+        name, floor = line.split("==")
+        installed = Version(importlib.metadata.version(name))
+        assert Version(installed.base_version) == Version(floor), f"{name} {installed}, floor {floor}"

@@ -23,10 +23,10 @@ class Throughput(Callback):
         self.samples = 0
         self._wait_before_resume = 0.0  # the profiler counts from zero in every process
         self._step_starts: list[float] = []
-        self._trainer: Trainer | None = None
+        self.trainer: Trainer | None = None
 
     def setup(self, trainer: Trainer, pl_module: SegmentationModule, stage: str) -> None:
-        self._trainer = trainer
+        self.trainer = trainer
         if not isinstance(trainer.profiler, DataWaitProfiler):
             log.warning(
                 "trainer.profiler is %s, not DataWaitProfiler: time/data_wait_s is not logged",
@@ -64,7 +64,7 @@ class Throughput(Callback):
         return self._wait_before_resume + (profiler.data_wait_s if profiler else 0.0)
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "data_wait_s": self._data_wait_s(self._trainer)}
+        return {"samples": self.samples, "data_wait_s": self._data_wait_s(self.trainer)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.samples = state_dict["samples"]
