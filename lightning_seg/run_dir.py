@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +23,14 @@ from lightning_seg.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
-_TMP = re.compile(r"^\..+\.\d+\.tmp$")
+_TMP = re.compile(r"^\..+\.\d+(-\d+)?\.tmp$")  # pid-thread; pid alone: older temporaries
 
 
 def tmp_path(path: str | Path) -> Path:
-    """Hidden, beside `path` (the rename stays on one filesystem), per process, not taken for a `.ckpt`."""
+    """Hidden, beside `path` (the rename stays on one filesystem), per process and thread (two threads
+    writing one file each rename their own whole copy), not taken for a `.ckpt`."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
 
 
 @contextmanager
