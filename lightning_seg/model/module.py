@@ -1,6 +1,5 @@
 """LightningModule: a 3D segmentation network, soft Dice loss, sliding-window validation."""
 
-import importlib.util
 import inspect
 import logging
 import shutil
@@ -38,12 +37,15 @@ def loss_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | float:
 
 def compile_unavailable_reason(device: torch.device) -> str | None:
     """Why torch.compile cannot run here, checked up front so that an unusable compiler means eager."""
-    import torch._dynamo  # no public twin of is_dynamo_supported (Python and platform checks)
+    # torch has no public twin of these: Dynamo's Python and platform check, and Triton's (installed, and a
+    # GPU it supports: a spec lookup would pass an older card that then fails at the first step)
+    import torch._dynamo
+    from torch.utils._triton import has_triton
 
     if not torch._dynamo.is_dynamo_supported():
         return "TorchDynamo does not support this Python or platform"
     if device.type == "cuda":
-        return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+        return None if has_triton() else "Triton is missing (pip install triton) or does not support this GPU"
     compilers = (shutil.which(cxx) for cxx in ("c++", "g++", "clang++"))
     return None if any(compilers) else "no C++ compiler found for Inductor's CPU kernels"
 
